@@ -1,0 +1,1 @@
+"""What every stage needs: config parsing, the checkpoint contract, model loading."""

@@ -1,0 +1,1 @@
+"""Data formats, loading and validation, and the bundled default datasets."""

@@ -1,0 +1,4 @@
+from common.errors import run_cli
+from sft.train import main
+
+run_cli(main)

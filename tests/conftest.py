@@ -1,0 +1,49 @@
+"""Shared fixtures: one tiny pipeline run through the Makefile, reused by the tests that inspect it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def chat_rows(n: int) -> list[dict]:
+    """A learnable toy chat set: the assistant always echoes a fixed pattern after the user's word."""
+    words = ["apple", "river", "stone", "cloud", "tiger", "music", "paper", "green"]
+    return [{"messages": [{"role": "user", "content": f"say {words[i % len(words)]}"},
+                          {"role": "assistant", "content": f"{words[i % len(words)]} {words[i % len(words)]}!"}]}
+            for i in range(n)]
+
+
+def run_module(module: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    from common.base_model import main
+
+    output = tmp_path_factory.mktemp("base") / "base"
+    main(["--config", str(TINY), "--output_dir", str(output)])
+    return output
+
+
+@pytest.fixture(scope="session")
+def make_run(tmp_path_factory) -> Path:
+    """`make sft` on the tiny config: base -> data -> sft, exactly as a user runs it."""
+    run = tmp_path_factory.mktemp("make") / "run"
+    result = subprocess.run(["make", "sft", f"CONFIG={TINY}", f"RUN={run}"], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run

@@ -1,0 +1,48 @@
+from dataclasses import dataclass
+
+import pytest
+
+from common.config import parse_config, parse_mapping
+from common.errors import PipelineError
+
+
+@dataclass
+class Example:
+    rate: float = 1.0
+    steps: int = 3
+    name: str = "x"
+    columns: str = ""
+
+
+def test_yaml_section_then_command_line_override(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("stage:\n  rate: 0.5\n  steps: 7\n  columns: {messages: conv}\nother:\n  rate: 9\n")
+    parsed = parse_config(Example, "stage", ["--config", str(config), "--steps", "11"])
+    assert (parsed.rate, parsed.steps, parsed.name) == (0.5, 11, "x")
+    assert parse_mapping(parsed.columns, "columns") == {"messages": "conv"}
+
+
+def test_unknown_yaml_option_is_named(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("stage:\n  rte: 0.5\n")
+    with pytest.raises(PipelineError, match=r"unknown option\(s\) rte in section 'stage'"):
+        parse_config(Example, "stage", ["--config", str(config)])
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("stage:\n  rate: [1,\n")
+    with pytest.raises(PipelineError, match=r"c.yaml:\d+:\d+: invalid YAML"):
+        parse_config(Example, "stage", ["--config", str(config)])
+
+
+def test_unknown_command_line_argument():
+    with pytest.raises(PipelineError, match="--nope"):
+        parse_config(Example, "stage", ["--nope", "1"])
+
+
+def test_mapping_forms():
+    assert parse_mapping("messages=conv, prompt=q", "columns") == {"messages": "conv", "prompt": "q"}
+    assert parse_mapping('{"text": "dialogue"}', "columns") == {"text": "dialogue"}
+    with pytest.raises(PipelineError, match="name=column"):
+        parse_mapping("messages", "columns")

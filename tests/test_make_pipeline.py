@@ -1,0 +1,58 @@
+"""The Makefile as a user runs it: `make sft` on the tiny config builds base -> data -> sft."""
+
+import json
+import subprocess
+
+from common.checkpoint import MANIFEST
+from data.chat import load_chat_examples
+from tests.conftest import ROOT, TINY, chat_rows, write_jsonl
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_make_sft_chains_base_data_and_sft(make_run):
+    for stage in ("base", "data", "sft"):
+        assert json.loads((make_run / stage / MANIFEST).read_text())["stage"] == stage
+    sft = json.loads((make_run / "sft" / MANIFEST).read_text())
+    assert sft["inputs"]["eval_data"]["path"].endswith("data/sft_eval.jsonl")
+    assert sft["metrics"]["eval_loss"] < sft["metrics"]["base_eval_loss"]
+    assert not list(make_run.glob(".*.partial"))
+
+
+def test_bundled_splits_are_valid_and_disjoint(make_run):
+    data = make_run / "data"
+    train = load_chat_examples(str(data / "sft_train.jsonl"))
+    evaluation = load_chat_examples(str(data / "sft_eval.jsonl"))
+    assert len(train) > 10 * len(evaluation) > 0
+    prompts = {name: {row["prompt"] for row in read_jsonl(data / f"prompts_{name}.jsonl")}
+               for name in ("prefs", "ppo", "eval")}
+    assert all(len(p) > 100 for p in prompts.values())
+    assert not (prompts["prefs"] & prompts["ppo"]) and not (prompts["ppo"] & prompts["eval"])
+    assert not (prompts["prefs"] & prompts["eval"])
+    sft_text = {m["content"] for example in train + evaluation for m in example}
+    assert not (prompts["eval"] & sft_text)
+
+
+def test_second_make_skips_unchanged_stages(make_run):
+    before = (make_run / "sft" / MANIFEST).read_text()
+    result = subprocess.run(["make", "sft", f"CONFIG={TINY}", f"RUN={make_run}"], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "sft: " in result.stdout and "is up to date" in result.stdout
+    assert (make_run / "sft" / MANIFEST).read_text() == before
+
+
+def test_make_sft_with_user_data(make_run, tmp_path):
+    data = write_jsonl(tmp_path / "mine.jsonl", chat_rows(40))
+    run = tmp_path / "run"
+    # Reuse the built base so only the user-data path is exercised.
+    result = subprocess.run(["make", "sft", f"CONFIG={TINY}", f"RUN={run}", f"SFT_DATA={data}",
+                             f"BASE_MODEL={make_run / 'base'}", "ARGS=--max_steps 3"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = json.loads((run / "sft" / MANIFEST).read_text())
+    assert manifest["inputs"]["data"]["path"] == str(data.resolve())
+    assert "eval_data" not in manifest["inputs"] and manifest["metrics"]["steps"] == 3
+    assert not (run / "data").exists() and not (run / "base").exists()
