@@ -63,16 +63,19 @@ def windows(turns: list[str], size: int) -> list[list[dict[str, str]]]:
 
 def build(config: ChitchatConfig, folder: Path) -> dict[str, int]:
     rows: dict[str, list[dict]] = {name: [] for name in SPLITS}
-    seen_prompts: set[str] = set()
+    prompt_turns: list[tuple[str, str]] = []
     for key, turns in conversations().items():
         split = next(name for name, buckets in SPLITS.items() if bucket(key) in buckets)
         if split.startswith("sft"):
             rows[split].extend({"messages": example} for example in windows(turns, config.turns_per_example))
-            continue
-        for text in turns[0::2]:  # the first speaker's turns: what a user would say
-            if config.min_prompt_chars <= len(text) <= config.max_prompt_chars and text not in seen_prompts:
-                seen_prompts.add(text)
-                rows[split].append({"prompt": text})
+        else:
+            prompt_turns.extend((split, text) for text in turns[0::2])  # what the first speaker, the user, says
+    # Short greetings recur across conversations; a prompt the SFT data contains is not held out, so drop it.
+    seen = {m["content"] for name in ("sft_train", "sft_eval") for row in rows[name] for m in row["messages"]}
+    for split, text in prompt_turns:
+        if config.min_prompt_chars <= len(text) <= config.max_prompt_chars and text not in seen:
+            seen.add(text)
+            rows[split].append({"prompt": text})
     for name, split_rows in rows.items():
         with (folder / f"{name}.jsonl").open("w") as handle:
             handle.writelines(json.dumps(row) + "\n" for row in split_rows)
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_config(ChitchatConfig, "data", argv)
     if config.turns_per_example < 2 or config.turns_per_example % 2:
         raise PipelineError(f"turns_per_example must be an even number >= 2, got {config.turns_per_example}")
-    inputs = {"chitchat_dataset": "0.9"}
+    inputs = {"chitchat_dataset": "0.9", "splitter": 2}
     print_ = fingerprint(config, inputs)
     if not config.force and up_to_date(config.output_dir, print_):
         print(f"data: {config.output_dir} is up to date")

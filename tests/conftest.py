@@ -18,11 +18,10 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 def chat_rows(n: int) -> list[dict]:
-    """A learnable toy chat set: the assistant always echoes a fixed pattern after the user's word."""
+    """A learnable toy chat set: whatever the user says, the assistant gives the same cheerful reply."""
     words = ["apple", "river", "stone", "cloud", "tiger", "music", "paper", "green"]
-    return [{"messages": [{"role": "user", "content": f"say {words[i % len(words)]}"},
-                          {"role": "assistant", "content": f"{words[i % len(words)]} {words[i % len(words)]}!"}]}
-            for i in range(n)]
+    return [{"messages": [{"role": "user", "content": f"tell me about {words[i % len(words)]}"},
+                          {"role": "assistant", "content": "I love that, it is wonderful!"}]} for i in range(n)]
 
 
 def run_module(module: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:

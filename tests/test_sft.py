@@ -15,15 +15,15 @@ from sft.train import main as sft_main
 from tests.conftest import ROOT, TINY, chat_rows, write_jsonl
 
 
-def train_tiny(tmp_path, tiny_base, *extra: str):
+def train_tiny(tmp_path, tiny_base, *extra: str, steps: int = 15):
     data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(80))
     output = tmp_path / "sft"
     sft_main(["--config", str(TINY), "--model", str(tiny_base), "--data", str(data), "--output_dir", str(output),
-              "--max_steps", "15", *extra])
+              "--max_steps", str(steps), *extra])
     return output, data, json.loads((output / MANIFEST).read_text())
 
 
-def reply(folder, prompt="say apple") -> str:
+def reply(folder, prompt="tell me about rain") -> str:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -36,16 +36,16 @@ def reply(folder, prompt="say apple") -> str:
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, tiny_base):
-    return train_tiny(tmp_path_factory.mktemp("full"), tiny_base)
+    return train_tiny(tmp_path_factory.mktemp("full"), tiny_base, steps=25)
 
 
 def test_eval_loss_falls_and_checkpoint_reloads(full_run):
     output, _, manifest = full_run
     metrics = manifest["metrics"]
     assert metrics["eval_loss"] < metrics["base_eval_loss"] - 0.5
-    assert metrics["steps"] == 15
+    assert metrics["steps"] == 25
     assert (output / "model.safetensors").is_file() and not (output / "adapter_config.json").exists()
-    assert "apple" in reply(output)  # the learnable pattern, through plain from_pretrained
+    assert reply(output).startswith("I love")  # the learned reply, through plain from_pretrained
 
 
 def test_metrics_are_logged(full_run):
@@ -62,7 +62,7 @@ def test_manifest_contents(full_run, tiny_base):
     assert manifest["stage"] == "sft"
     assert manifest["inputs"]["data"] == {"path": str(data.resolve()), "sha256": sha256_path(data)}
     assert manifest["inputs"]["model"]["manifest_sha256"] == sha256_path(tiny_base / MANIFEST)
-    assert manifest["config"]["max_steps"] == 15 and manifest["config"]["learning_rate"] == 3e-3
+    assert manifest["config"]["max_steps"] == 25 and manifest["config"]["learning_rate"] == 3e-3
     assert {"torch", "transformers", "trl", "peft", "datasets", "accelerate"} <= set(manifest["versions"])
     assert manifest["started"] <= manifest["finished"] and manifest["seconds"] > 0
     assert len(manifest["metrics"]["samples"]) == 2
@@ -71,7 +71,7 @@ def test_manifest_contents(full_run, tiny_base):
 def test_rerun_with_same_inputs_is_skipped(full_run, tiny_base, capsys):
     output, data, manifest = full_run
     args = ["--config", str(TINY), "--model", str(tiny_base), "--data", str(data), "--output_dir", str(output),
-            "--max_steps", "15"]
+            "--max_steps", "25"]
     sft_main(args)
     assert "up to date" in capsys.readouterr().out
     assert json.loads((output / MANIFEST).read_text())["finished"] == manifest["finished"]
