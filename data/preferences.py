@@ -1,0 +1,163 @@
+"""Preference data: every accepted shape becomes (prompt messages, chosen reply, rejected reply) pairs.
+
+Accepted shapes (same file types and `columns` mapping as SFT data):
+  prompt, chosen, rejected   strings or chat messages; without `prompt`, chosen and rejected are whole
+                             dialogues and their shared prefix is the prompt (implicit prompt)
+  chosen, rejected (text)    HH-style transcripts "\\n\\nHuman: ... \\n\\nAssistant: ..."; the shared prefix
+                             is the prompt
+  prompt, responses, ranking a ranking of K responses (indices, best first) -> all K*(K-1)/2 ordered pairs
+  prompt, responses, scores  scores of K responses -> pairs whose scores differ by more than `min_margin`
+                             (ties and near-ties are dropped)
+"""
+
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Any
+
+from common.errors import PipelineError
+from data.chat import Message, RowError, as_messages, parse_hh_transcript
+from data.tables import Table, read_table
+
+
+@dataclass
+class PreferencePair:
+    prompt: list[Message]
+    chosen: str
+    rejected: str
+    margin: float = 0.0  # score difference when the source had scores, else 0
+    location: str = ""
+
+    def as_row(self) -> dict[str, Any]:
+        """trl's conversational preference format."""
+        return {"prompt": self.prompt, "chosen": [{"role": "assistant", "content": self.chosen}],
+                "rejected": [{"role": "assistant", "content": self.rejected}], "margin": self.margin}
+
+
+def split_dialogue(messages: list[Message], field: str) -> tuple[list[Message], str]:
+    if not messages or messages[-1]["role"] != "assistant":
+        raise RowError(f"'{field}' must end with an assistant reply")
+    return messages[:-1], messages[-1]["content"]
+
+
+def ranking_pairs(responses: list[str], order: list[int], scores: list[float] | None,
+                  min_margin: float) -> list[tuple[str, str, float]]:
+    """All ordered pairs (better, worse, margin) from a ranking, best first; near-ties dropped when scored."""
+    pairs = []
+    for better, worse in combinations(order, 2):
+        margin = 0.0 if scores is None else scores[better] - scores[worse]
+        if scores is not None and margin <= min_margin:
+            continue
+        pairs.append((responses[better], responses[worse], margin))
+    return pairs
+
+
+def detect_shape(table: Table, name) -> str:
+    present = set(table.columns)
+    if name("responses") in present and (name("ranking") in present or name("scores") in present):
+        return "ranked"
+    if name("chosen") in present and name("rejected") in present:
+        return "pairwise"
+    raise PipelineError(
+        f"{table.source}: missing column: found {table.columns}; preference data needs 'chosen' and 'rejected' "
+        "(with or without 'prompt'), or 'prompt', 'responses' and 'ranking' or 'scores'; map your names with "
+        "columns: {chosen: your_column}"
+    )
+
+
+def pairwise_row(row: dict[str, Any], name) -> list[tuple[list[Message], str, str, float]]:
+    chosen, rejected = row.get(name("chosen")), row.get(name("rejected"))
+    prompt = row.get(name("prompt"))
+    if prompt is not None and prompt != "":
+        prompt_messages = as_messages(prompt, name("prompt"), "user")
+        return [(prompt_messages, reply_text(chosen, name("chosen")), reply_text(rejected, name("rejected")), 0.0)]
+    chosen_dialogue = dialogue(chosen, name("chosen"))
+    rejected_dialogue = dialogue(rejected, name("rejected"))
+    prompt_c, chosen_reply = split_dialogue(chosen_dialogue, name("chosen"))
+    prompt_r, rejected_reply = split_dialogue(rejected_dialogue, name("rejected"))
+    if prompt_c != prompt_r:
+        raise RowError("chosen and rejected do not share the same conversation before the last reply; "
+                       "give an explicit 'prompt'")
+    if not prompt_c:
+        raise RowError("no prompt: chosen and rejected hold only a reply; give an explicit 'prompt'")
+    return [(prompt_c, chosen_reply, rejected_reply, 0.0)]
+
+
+def dialogue(value: Any, field: str) -> list[Message]:
+    if isinstance(value, str) and "Human:" in value:
+        return parse_hh_transcript(value)
+    return as_messages(value, field, "assistant")
+
+
+def reply_text(value: Any, field: str) -> str:
+    messages = as_messages(value, field, "assistant")
+    if len(messages) != 1 or messages[0]["role"] != "assistant":
+        raise RowError(f"'{field}' must be one assistant reply when a prompt is given")
+    return messages[0]["content"]
+
+
+def ranked_row(row: dict[str, Any], name, min_margin: float) -> list[tuple[list[Message], str, str, float]]:
+    prompt = as_messages(row.get(name("prompt")) or "", name("prompt"), "user")
+    responses = row.get(name("responses"))
+    if not isinstance(responses, list) or len(responses) < 2 or not all(isinstance(r, str) for r in responses):
+        raise RowError(f"'{name('responses')}' must be a list of at least 2 reply strings")
+    k = len(responses)
+    scores = row.get(name("scores"))
+    if scores is not None:
+        if not isinstance(scores, list) or len(scores) != k or \
+                not all(isinstance(s, int | float) and not isinstance(s, bool) for s in scores):
+            raise RowError(f"'{name('scores')}' must be a list of {k} numbers, one per response")
+        order = sorted(range(k), key=lambda i: -scores[i])
+    else:
+        order = row.get(name("ranking"))
+        if not isinstance(order, list) or sorted(order) != list(range(k)):
+            raise RowError(f"'{name('ranking')}' {order!r} is not a permutation of 0..{k - 1} "
+                           "(response indices, best first)")
+    return [(prompt, better, worse, margin)
+            for better, worse, margin in ranking_pairs(responses, order, scores, min_margin)]
+
+
+def check_pair(prompt: list[Message], chosen: str, rejected: str) -> None:
+    if not prompt or not any(m["content"].strip() for m in prompt):
+        raise RowError("the prompt is empty")
+    if not chosen.strip() or not rejected.strip():
+        raise RowError("a response is empty; drop the row or write the response")
+    if chosen.strip() == rejected.strip():
+        raise RowError("chosen is identical to rejected: the pair teaches nothing; drop it")
+
+
+def load_preference_pairs(source: str, columns: dict[str, str] | None = None,
+                          min_margin: float = 0.0) -> list[PreferencePair]:
+    """Read, expand and validate preference data; the first bad row is reported with its location."""
+    columns = columns or {}
+    table = read_table(source)
+    name = lambda key: columns.get(key, key)  # noqa: E731
+    shape = detect_shape(table, name)
+    pairs, problems = [], []
+    for row, location in zip(table.rows, table.locations, strict=True):
+        try:
+            expanded = ranked_row(row, name, min_margin) if shape == "ranked" else pairwise_row(row, name)
+            for prompt, chosen, rejected, margin in expanded:
+                check_pair(prompt, chosen, rejected)
+                pairs.append(PreferencePair(prompt, chosen, rejected, margin, location))
+        except RowError as err:
+            problems.append(f"{location}: {err}")
+    if problems:
+        more = f" ({len(problems) - 1} more bad rows)" if len(problems) > 1 else ""
+        raise PipelineError(problems[0] + more)
+    if not pairs:
+        raise PipelineError(f"{source}: no preference pairs left (all ties below min_margin {min_margin}); "
+                            "lower min_margin or add data")
+    return pairs
+
+
+def check_prompt_lengths(pairs: list[PreferencePair], tokenizer, max_prompt_length: int) -> None:
+    """Prompts longer than the limit would be truncated to nothing useful: say how many and which."""
+    too_long = []
+    for pair in pairs:
+        text = tokenizer.apply_chat_template(pair.prompt, tokenize=False, add_generation_prompt=True)
+        if len(tokenizer(text, add_special_tokens=False)["input_ids"]) > max_prompt_length:
+            too_long.append(pair.location)
+    if too_long:
+        shown = ", ".join(dict.fromkeys(too_long[:3]))
+        raise PipelineError(f"{len(too_long)} pair(s) have a prompt longer than {max_prompt_length} tokens "
+                            f"(first: {shown}); raise max_prompt_length or shorten those prompts")
