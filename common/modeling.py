@@ -1,5 +1,7 @@
 """Loading models and tokenizers the same way in every stage."""
 
+from pathlib import Path
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -63,8 +65,11 @@ def ensure_distinct_pad(tokenizer: PreTrainedTokenizerBase, source: str) -> PreT
 def load_causal_lm(path: str) -> PreTrainedModel:
     """A causal LM in fp32 (the trainer casts for mixed precision), dropout as the checkpoint has it."""
     require_checkpoint(path, "model", "run `make base` or pass BASE_MODEL=<path or hub id>")
+    # An absolute path, so a LoRA adapter saved from this model records a base that loads from anywhere.
+    local = Path(path).expanduser()
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(str(local.resolve()) if local.exists() else path,
+                                                    dtype=torch.float32)
     except (OSError, ValueError) as err:
         raise PipelineError(f"cannot load a causal LM from {path}: {str(err).splitlines()[0]}") from None
 

@@ -94,7 +94,7 @@ def test_lora_unmerged_keeps_adapter_with_base_recorded(tmp_path, tiny_base):
     output, _, manifest = train_tiny(tmp_path, tiny_base, "--use_lora", "true", "--merge", "false",
                                      "--learning_rate", "1e-2")
     adapter = json.loads((output / "adapter_config.json").read_text())
-    assert adapter["base_model_name_or_path"] == str(tiny_base)
+    assert adapter["base_model_name_or_path"] == str(tiny_base.resolve())
     assert manifest["metrics"]["adapter"] is True
     model = AutoModelForCausalLM.from_pretrained(output)  # transformers applies the adapter through peft
     assert any("lora" in name for name in model.state_dict())
