@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 from common.errors import PipelineError
-from data.tables import Table, read_table
+from data.tables import Table, raise_first_problem, read_table
 
 Message = dict[str, str]
 
@@ -128,9 +128,7 @@ def load_chat_examples(source: str, columns: dict[str, str] | None = None) -> li
             examples.append(row_to_messages(row, shape, columns))
         except RowError as err:
             problems.append(f"{location}: {err}")
-    if problems:
-        more = f" ({len(problems) - 1} more bad rows)" if len(problems) > 1 else ""
-        raise PipelineError(problems[0] + more)
+    raise_first_problem(problems)
     return examples
 
 

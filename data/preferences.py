@@ -16,7 +16,7 @@ from typing import Any
 
 from common.errors import PipelineError
 from data.chat import Message, RowError, as_messages, parse_hh_transcript
-from data.tables import Table, read_table
+from data.tables import Table, raise_first_problem, read_table
 
 
 @dataclass
@@ -141,9 +141,7 @@ def load_preference_pairs(source: str, columns: dict[str, str] | None = None,
                 pairs.append(PreferencePair(prompt, chosen, rejected, margin, location))
         except RowError as err:
             problems.append(f"{location}: {err}")
-    if problems:
-        more = f" ({len(problems) - 1} more bad rows)" if len(problems) > 1 else ""
-        raise PipelineError(problems[0] + more)
+    raise_first_problem(problems)
     if not pairs:
         raise PipelineError(f"{source}: no preference pairs left (all ties below min_margin {min_margin}); "
                             "lower min_margin or add data")
@@ -152,11 +150,10 @@ def load_preference_pairs(source: str, columns: dict[str, str] | None = None,
 
 def check_prompt_lengths(pairs: list[PreferencePair], tokenizer, max_prompt_length: int) -> None:
     """Prompts longer than the limit would be truncated to nothing useful: say how many and which."""
-    too_long = []
-    for pair in pairs:
-        text = tokenizer.apply_chat_template(pair.prompt, tokenize=False, add_generation_prompt=True)
-        if len(tokenizer(text, add_special_tokens=False)["input_ids"]) > max_prompt_length:
-            too_long.append(pair.location)
+    # Pairs expanded from one ranked row share its prompt: tokenize each distinct prompt once.
+    texts = [tokenizer.apply_chat_template(pair.prompt, tokenize=False, add_generation_prompt=True) for pair in pairs]
+    lengths = {text: len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in set(texts)}
+    too_long = [pair.location for pair, text in zip(pairs, texts, strict=True) if lengths[text] > max_prompt_length]
     if too_long:
         shown = ", ".join(dict.fromkeys(too_long[:3]))
         raise PipelineError(f"{len(too_long)} pair(s) have a prompt longer than {max_prompt_length} tokens "

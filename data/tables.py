@@ -134,3 +134,10 @@ def read_table(source: str) -> Table:
     if not table.rows:
         raise PipelineError(f"{source} is empty: it holds no rows; add examples or pass another file")
     return table
+
+
+def raise_first_problem(problems: list[str]) -> None:
+    """One line for the user: the first bad row with its location, and how many others are bad."""
+    if problems:
+        more = f" ({len(problems) - 1} more bad rows)" if len(problems) > 1 else ""
+        raise PipelineError(problems[0] + more)
