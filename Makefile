@@ -1,8 +1,14 @@
 # The table of contents of the project: each stage is a target, and targets chain through checkpoints.
-#   make all        set up, then base -> data -> sft on the embedded default (later stages join as they land)
+#   make all        set up, then base -> data -> sft -> prefs -> rm on the embedded default
+#   make sft        stage 1: supervised fine-tuning             (SFT_DATA=, BASE_MODEL= for your own)
+#   make prefs      sample K replies per prompt, a labeller ranks them
+#   make rm         stage 2: reward model on the preferences    (PREFS= for your own preference file)
+#   make score      score DATA=replies.jsonl (or pairs) with the reward model (RM= for another one)
+#   make prefs-export / prefs-import   human labelling: ANNOTATE=file.csv|.jsonl out to annotators and back
 #   make test       the test suite (what .ci/run calls)
-# Every target takes CONFIG=configs/<name>.yaml and RUN=runs/<name>. A stage whose inputs did not change
-# is skipped by the stage itself (it compares a fingerprint of its inputs with its pipeline.json).
+# Every target takes CONFIG=configs/<name>.yaml and RUN=runs/<name>; ARGS="--option value" goes to the
+# stage named on the command line only. A stage whose inputs did not change is skipped by the stage
+# itself (it compares a fingerprint of its inputs with its pipeline.json).
 
 CONFIG ?= configs/default.yaml
 RUN ?= runs/default
@@ -18,13 +24,21 @@ SFT_DATA ?=
 SFT_MODEL := $(or $(BASE_MODEL),$(RUN)/base)
 SFT_TRAIN := $(or $(SFT_DATA),$(RUN)/data/sft_train.jsonl)
 SFT_EVAL := $(if $(SFT_DATA),,$(RUN)/data/sft_eval.jsonl)
+PREFS ?=
+RM_DATA := $(or $(PREFS),$(RUN)/prefs/ranked.jsonl)
+RM ?= $(RUN)/rm
+DATA ?=
+ANNOTATE ?= $(RUN)/to_rank.csv
 
-.PHONY: all setup base data sft test lint clean help
+# ARGS reach only the stage the user named: `make rm ARGS="--learning_rate 1e-5"` must not retrain SFT.
+args_for = $(if $(filter $(1),$(MAKECMDGOALS)),$(ARGS))
 
-all: sft
+.PHONY: all setup base data sft prefs rm score prefs-export prefs-import test lint clean help
+
+all: rm
 
 help:
-	@sed -n '1,6p' Makefile
+	@sed -n '1,12p' Makefile
 
 setup: $(SETUP_STAMP)
 
@@ -46,7 +60,25 @@ data: setup
 
 sft: setup base $(if $(SFT_DATA),,data)
 	$(PY) -m sft --config $(CONFIG) --model $(SFT_MODEL) --data $(SFT_TRAIN) --eval_data "$(SFT_EVAL)" \
-		--output_dir $(RUN)/sft $(ARGS)
+		--output_dir $(RUN)/sft $(call args_for,sft)
+
+prefs: sft data
+	$(PY) -m data.collect --config $(CONFIG) --policy $(RUN)/sft --prompts $(RUN)/data/prompts_prefs.jsonl \
+		--output_dir $(RUN)/prefs $(call args_for,prefs)
+
+rm: sft $(if $(PREFS),,prefs)
+	$(PY) -m reward_model --config $(CONFIG) --model $(RUN)/sft --data $(RM_DATA) --output_dir $(RUN)/rm \
+		$(call args_for,rm)
+
+score: setup
+	$(PY) -m reward_model.score --model $(RM) --data "$(DATA)" $(call args_for,score)
+
+prefs-export: prefs
+	$(PY) -m data.annotate --action export --candidates $(RUN)/prefs/candidates.jsonl --file $(ANNOTATE)
+
+prefs-import: setup
+	$(PY) -m data.annotate --action import --candidates $(RUN)/prefs/candidates.jsonl --file $(ANNOTATE) \
+		--output_dir $(RUN)/prefs_human
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

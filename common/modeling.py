@@ -3,7 +3,14 @@
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as hf_logging
 
 from common.checkpoint import require_checkpoint
 from common.errors import PipelineError
@@ -62,22 +69,46 @@ def ensure_distinct_pad(tokenizer: PreTrainedTokenizerBase, source: str) -> PreT
     return tokenizer
 
 
+def local_or_hub(path: str) -> str:
+    """An absolute path for local folders, so a LoRA adapter saved from the model records a base that loads
+    from anywhere; hub ids pass through."""
+    local = Path(path).expanduser()
+    return str(local.resolve()) if local.exists() else path
+
+
 def load_causal_lm(path: str) -> PreTrainedModel:
     """A causal LM in fp32 (the trainer casts for mixed precision), dropout as the checkpoint has it."""
     require_checkpoint(path, "model", "run `make base` or pass BASE_MODEL=<path or hub id>")
-    # An absolute path, so a LoRA adapter saved from this model records a base that loads from anywhere.
-    local = Path(path).expanduser()
     try:
-        return AutoModelForCausalLM.from_pretrained(str(local.resolve()) if local.exists() else path,
-                                                    dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(local_or_hub(path), dtype=torch.float32)
     except (OSError, ValueError) as err:
         raise PipelineError(f"cannot load a causal LM from {path}: {str(err).splitlines()[0]}") from None
 
 
+def load_reward_model(path: str, pad_token_id: int) -> PreTrainedModel:
+    """A one-logit sequence classifier: a reward model, or a causal LM given a new scalar head to train."""
+    require_checkpoint(path, "model", "run the stage that writes it first (`make sft` or `make rm`)")
+    # Starting from a causal LM, transformers warns that the new `score` head is untrained: that is the point.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(local_or_hub(path), num_labels=1,
+                                                                   dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise PipelineError(f"cannot load a reward model from {path}: {str(err).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    # The classifier reads its score at the last token that is not padding, found through this id.
+    model.config.pad_token_id = pad_token_id
+    return model
+
+
 @torch.no_grad()
 def generate_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-                     max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0) -> list[str]:
-    """Chat replies to single-turn prompts: left-padded batch, KV cache, stop at EOS."""
+                     max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+                     num_return_sequences: int = 1) -> tuple[list[str], list[bool]]:
+    """Chat replies to single-turn prompts (left-padded batch, KV cache, stop at EOS) and whether each one
+    ended with EOS (False: cut off at `max_new_tokens`). Replies to prompt i are rows i*n .. i*n+n-1."""
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                            add_generation_prompt=True) for p in prompts]
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
@@ -86,6 +117,9 @@ def generate_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     model.eval()
     output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
                             temperature=temperature if do_sample else None, top_k=None, top_p=None,
+                            num_return_sequences=num_return_sequences,
                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     model.train(was_training)
-    return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    generated = output[:, batch["input_ids"].shape[1]:]
+    finished = (generated == tokenizer.eos_token_id).any(dim=1).tolist()
+    return tokenizer.batch_decode(generated, skip_special_tokens=True), finished

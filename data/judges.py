@@ -2,15 +2,17 @@
 
 A judge is any callable `judge(prompts: list[str], replies: list[str], finished: list[bool]) -> list[float]`
 (`finished[i]` is False when reply i was cut off at the length limit before its end-of-turn token),
-named on the command line as `module:function`. The default, the gold judge, stands in for a human
-labeller so alignment can be measured against ground truth (as in Gao et al. 2022): VADER's
-human-rated sentiment lexicon scores how positive a reply is, with penalties for what a person would
-also mark down: an empty reply, a reply cut off mid-way, and a reply that repeats itself.
+named on the command line as `module:function`; a reward-model folder is a judge too. The default, the
+gold judge, stands in for a human labeller so alignment can be measured against ground truth (as in
+Gao et al. 2022): VADER's human-rated sentiment lexicon scores how positive a reply is, with penalties
+for what a person would also mark down: an empty reply, a reply cut off mid-way, and a reply that repeats itself.
 """
 
 import importlib
+import math
 from collections.abc import Callable
 from functools import cache
+from pathlib import Path
 
 from common.errors import PipelineError
 
@@ -62,3 +64,24 @@ def load_callable(spec: str) -> Callable:
     if not callable(function):
         raise PipelineError(f"module {module_name!r} has no callable {attribute!r}; check the spec {spec!r}")
     return function
+
+
+def load_judge(spec: str) -> Judge:
+    """A judge from `module:function`, or a reward-model folder (its score is the judgement)."""
+    if Path(spec).expanduser().is_dir():
+        from common.reward import RewardScorer
+
+        return RewardScorer.load(spec).judge
+    return load_callable(spec)
+
+
+def run_judge(judge: Judge, spec: str, prompts: list[str], replies: list[str], finished: list[bool]) -> list[float]:
+    """Call a judge and check that it kept its side of the interface: one finite number per reply."""
+    scores = list(judge(prompts, replies, finished))
+    if len(scores) != len(replies):
+        raise PipelineError(f"judge {spec} returned {len(scores)} scores for {len(replies)} replies; "
+                            "it must return one number per reply")
+    bad = [s for s in scores if isinstance(s, bool) or not isinstance(s, int | float) or not math.isfinite(s)]
+    if bad:
+        raise PipelineError(f"judge {spec} returned {bad[0]!r} among its scores; it must return finite numbers")
+    return [float(s) for s in scores]

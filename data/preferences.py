@@ -8,6 +8,8 @@ Accepted shapes (same file types and `columns` mapping as SFT data):
   prompt, responses, ranking a ranking of K responses (indices, best first) -> all K*(K-1)/2 ordered pairs
   prompt, responses, scores  scores of K responses -> pairs whose scores differ by more than `min_margin`
                              (ties and near-ties are dropped)
+Optional: `finished` (ranked rows, one bool per response) or `chosen_finished`/`rejected_finished` (pairs)
+mark a reply cut off at the length limit (False); the reward model then sees it without an end-of-turn token.
 """
 
 from dataclasses import dataclass
@@ -26,11 +28,26 @@ class PreferencePair:
     rejected: str
     margin: float = 0.0  # score difference when the source had scores, else 0
     location: str = ""
+    chosen_finished: bool = True
+    rejected_finished: bool = True
 
     def as_row(self) -> dict[str, Any]:
         """trl's conversational preference format."""
         return {"prompt": self.prompt, "chosen": [{"role": "assistant", "content": self.chosen}],
-                "rejected": [{"role": "assistant", "content": self.rejected}], "margin": self.margin}
+                "rejected": [{"role": "assistant", "content": self.rejected}], "margin": self.margin,
+                "chosen_finished": self.chosen_finished, "rejected_finished": self.rejected_finished}
+
+Expanded = list[tuple[list[Message], str, str, float, bool, bool]]  # prompt, chosen, rejected, margin, finished x2
+
+
+def finished_flag(value: Any, field: str) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, str) and value.lower() in ("true", "false"):  # CSV cells
+        return value.lower() == "true"
+    if not isinstance(value, bool):
+        raise RowError(f"'{field}' must be true or false, got {value!r}")
+    return value
 
 
 def split_dialogue(messages: list[Message], field: str) -> tuple[list[Message], str]:
@@ -39,15 +56,15 @@ def split_dialogue(messages: list[Message], field: str) -> tuple[list[Message], 
     return messages[:-1], messages[-1]["content"]
 
 
-def ranking_pairs(responses: list[str], order: list[int], scores: list[float] | None,
-                  min_margin: float) -> list[tuple[str, str, float]]:
-    """All ordered pairs (better, worse, margin) from a ranking, best first; near-ties dropped when scored."""
+def ranking_pairs(order: list[int], scores: list[float] | None, min_margin: float) -> list[tuple[int, int, float]]:
+    """All ordered pairs (better, worse, margin) of response indices from a ranking, best first; near-ties
+    dropped when scored."""
     pairs = []
     for better, worse in combinations(order, 2):
         margin = 0.0 if scores is None else scores[better] - scores[worse]
         if scores is not None and margin <= min_margin:
             continue
-        pairs.append((responses[better], responses[worse], margin))
+        pairs.append((better, worse, margin))
     return pairs
 
 
@@ -64,12 +81,15 @@ def detect_shape(table: Table, name) -> str:
     )
 
 
-def pairwise_row(row: dict[str, Any], name) -> list[tuple[list[Message], str, str, float]]:
+def pairwise_row(row: dict[str, Any], name) -> Expanded:
     chosen, rejected = row.get(name("chosen")), row.get(name("rejected"))
+    flags = (finished_flag(row.get(name("chosen_finished")), name("chosen_finished")),
+             finished_flag(row.get(name("rejected_finished")), name("rejected_finished")))
     prompt = row.get(name("prompt"))
     if prompt is not None and prompt != "":
         prompt_messages = as_messages(prompt, name("prompt"), "user")
-        return [(prompt_messages, reply_text(chosen, name("chosen")), reply_text(rejected, name("rejected")), 0.0)]
+        return [(prompt_messages, reply_text(chosen, name("chosen")), reply_text(rejected, name("rejected")), 0.0,
+                 *flags)]
     chosen_dialogue = dialogue(chosen, name("chosen"))
     rejected_dialogue = dialogue(rejected, name("rejected"))
     prompt_c, chosen_reply = split_dialogue(chosen_dialogue, name("chosen"))
@@ -79,7 +99,7 @@ def pairwise_row(row: dict[str, Any], name) -> list[tuple[list[Message], str, st
                        "give an explicit 'prompt'")
     if not prompt_c:
         raise RowError("no prompt: chosen and rejected hold only a reply; give an explicit 'prompt'")
-    return [(prompt_c, chosen_reply, rejected_reply, 0.0)]
+    return [(prompt_c, chosen_reply, rejected_reply, 0.0, *flags)]
 
 
 def dialogue(value: Any, field: str) -> list[Message]:
@@ -95,7 +115,7 @@ def reply_text(value: Any, field: str) -> str:
     return messages[0]["content"]
 
 
-def ranked_row(row: dict[str, Any], name, min_margin: float) -> list[tuple[list[Message], str, str, float]]:
+def ranked_row(row: dict[str, Any], name, min_margin: float) -> Expanded:
     prompt = as_messages(row.get(name("prompt")) or "", name("prompt"), "user")
     responses = row.get(name("responses"))
     if not isinstance(responses, list) or len(responses) < 2 or not all(isinstance(r, str) for r in responses):
@@ -112,8 +132,14 @@ def ranked_row(row: dict[str, Any], name, min_margin: float) -> list[tuple[list[
         if not isinstance(order, list) or sorted(order) != list(range(k)):
             raise RowError(f"'{name('ranking')}' {order!r} is not a permutation of 0..{k - 1} "
                            "(response indices, best first)")
-    return [(prompt, better, worse, margin)
-            for better, worse, margin in ranking_pairs(responses, order, scores, min_margin)]
+    finished = row.get(name("finished"))
+    if finished is None:
+        finished = [True] * k
+    elif not isinstance(finished, list) or len(finished) != k:
+        raise RowError(f"'{name('finished')}' must be a list of {k} booleans, one per response")
+    finished = [finished_flag(flag, name("finished")) for flag in finished]
+    return [(prompt, responses[better], responses[worse], margin, finished[better], finished[worse])
+            for better, worse, margin in ranking_pairs(order, scores, min_margin)]
 
 
 def check_pair(prompt: list[Message], chosen: str, rejected: str) -> None:
@@ -136,9 +162,10 @@ def load_preference_pairs(source: str, columns: dict[str, str] | None = None,
     for row, location in zip(table.rows, table.locations, strict=True):
         try:
             expanded = ranked_row(row, name, min_margin) if shape == "ranked" else pairwise_row(row, name)
-            for prompt, chosen, rejected, margin in expanded:
+            for prompt, chosen, rejected, margin, chosen_finished, rejected_finished in expanded:
                 check_pair(prompt, chosen, rejected)
-                pairs.append(PreferencePair(prompt, chosen, rejected, margin, location))
+                pairs.append(PreferencePair(prompt, chosen, rejected, margin, location, chosen_finished,
+                                            rejected_finished))
         except RowError as err:
             problems.append(f"{location}: {err}")
     raise_first_problem(problems)

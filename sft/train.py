@@ -17,19 +17,19 @@ import os
 from dataclasses import dataclass, field
 
 from datasets import Dataset
-from peft import LoraConfig
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
 from common.checkpoint import StagedOutput, describe_input, describe_parent, fingerprint, up_to_date
 from common.config import parse_config, parse_mapping
 from common.metrics import JsonlMetricsCallback
-from common.modeling import choose_precision, generate_replies, load_causal_lm, load_tokenizer
+from common.modeling import generate_replies, load_causal_lm, load_tokenizer
+from common.training import TrainerOptions
 from data.chat import load_chat_examples, split_train_eval
 
 
 @dataclass
-class SFTStageConfig:
+class SFTStageConfig(TrainerOptions):
     model: str = field(default="runs/default/base", metadata={"help": "base model: a folder or hub id"})
     data: str = field(default="runs/default/data/sft_train.jsonl", metadata={"help": "SFT data file/folder/hub"})
     eval_data: str = field(default="", metadata={"help": "eval data; empty: hold out eval_fraction of data"})
@@ -38,29 +38,8 @@ class SFTStageConfig:
     eval_fraction: float = field(default=0.05, metadata={"help": "share of data held out when no eval_data"})
     max_train_examples: int = field(default=0, metadata={"help": "use at most this many (0: all)"})
     max_eval_examples: int = field(default=200, metadata={"help": "evaluate on at most this many (0: all)"})
-    max_length: int = field(default=256, metadata={"help": "tokens per example; longer ones are truncated"})
-    learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate"})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "epochs (max_steps wins when > 0)"})
-    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; -1: from num_train_epochs"})
-    per_device_train_batch_size: int = field(default=4, metadata={"help": "examples per device per step"})
-    per_device_eval_batch_size: int = field(default=8, metadata={"help": "examples per device in eval"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "share of steps with linear warm-up"})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    logging_steps: int = field(default=10, metadata={"help": "log train metrics every N steps"})
-    eval_steps: int = field(default=0, metadata={"help": "evaluate every N steps (0: before and after only)"})
-    use_lora: bool = field(default=False, metadata={"help": "train a LoRA adapter instead of all weights"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "peft target modules"})
-    merge: bool = field(default=True, metadata={"help": "merge the LoRA adapter into the saved model"})
-    precision: str = field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16 (auto: fp32 on CPU)"})
-    seed: int = field(default=42, metadata={"help": "seed for data order, split and initialisation"})
     num_sample_prompts: int = field(default=3, metadata={"help": "eval prompts answered into the manifest"})
     max_new_tokens: int = field(default=48, metadata={"help": "length of those sample answers"})
-    force: bool = field(default=False, metadata={"help": "retrain even if the output is up to date"})
 
 
 def load_splits(config: SFTStageConfig) -> tuple[list, list]:
@@ -75,38 +54,6 @@ def load_splits(config: SFTStageConfig) -> tuple[list, list]:
     if config.max_eval_examples:
         evaluation = evaluation[: config.max_eval_examples]
     return train, evaluation
-
-
-def trainer_args(config: SFTStageConfig, staging: str) -> SFTConfig:
-    precision = choose_precision(config.precision)
-    return SFTConfig(
-        output_dir=staging,
-        # Loss on the assistant's replies (and their end-of-turn token) only: the model learns to
-        # answer, not to imitate the user. Needs `{% generation %}` markers in the chat template.
-        assistant_only_loss=True,
-        max_length=config.max_length,
-        learning_rate=config.learning_rate,
-        num_train_epochs=config.num_train_epochs,
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.per_device_train_batch_size,
-        per_device_eval_batch_size=config.per_device_eval_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        warmup_steps=config.warmup_ratio,  # a float below 1 is a fraction of the total steps
-        lr_scheduler_type=config.lr_scheduler_type,
-        weight_decay=config.weight_decay,
-        logging_steps=config.logging_steps,
-        logging_first_step=True,
-        eval_strategy="steps" if config.eval_steps else "no",
-        eval_steps=config.eval_steps or None,
-        save_strategy="no",
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        seed=config.seed,
-        data_seed=config.seed,
-        report_to=["tensorboard"],
-        dataset_num_proc=None,
-        dataloader_num_workers=0,
-    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,17 +75,15 @@ def main(argv: list[str] | None = None) -> None:
 
     set_seed(config.seed)
     model = load_causal_lm(config.model)
-    peft_config = None
-    if config.use_lora:
-        peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                                 target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
     trainer = SFTTrainer(
         model=model,
-        args=trainer_args(config, str(staging)),
+        # Loss on the assistant's replies (and their end-of-turn token) only: the model learns to
+        # answer, not to imitate the user. Needs `{% generation %}` markers in the chat template.
+        args=SFTConfig(assistant_only_loss=True, dataset_num_proc=None, **config.trainer_kwargs(str(staging))),
         train_dataset=Dataset.from_dict({"messages": train}),
         eval_dataset=Dataset.from_dict({"messages": evaluation}),
         processing_class=tokenizer,
-        peft_config=peft_config,
+        peft_config=config.lora_config("CAUSAL_LM"),
         callbacks=[JsonlMetricsCallback(staging / "metrics.jsonl")],
     )
     print(f"sft: {len(train)} train / {len(evaluation)} eval examples, {config.model} -> {config.output_dir}")
@@ -154,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
 
     prompts = [example[0]["content"] if example[0]["role"] != "system" else example[1]["content"]
                for example in evaluation[: config.num_sample_prompts]]
-    replies = generate_replies(trained, tokenizer, prompts, config.max_new_tokens)
+    replies, _ = generate_replies(trained, tokenizer, prompts, config.max_new_tokens)
     metrics = {
         "base_eval_loss": base_eval["base_eval_loss"],
         "base_eval_perplexity": math.exp(base_eval["base_eval_loss"]),

@@ -1,4 +1,4 @@
-"""The Makefile as a user runs it: `make sft` on the tiny config builds base -> data -> sft."""
+"""The Makefile as a user runs it: `make rm` on the tiny config builds base -> data -> sft -> prefs -> rm."""
 
 import json
 import subprocess
@@ -12,12 +12,16 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_make_sft_chains_base_data_and_sft(make_run):
-    for stage in ("base", "data", "sft"):
+def test_make_rm_chains_every_stage(make_run):
+    for stage in ("base", "data", "sft", "prefs", "rm"):
         assert json.loads((make_run / stage / MANIFEST).read_text())["stage"] == stage
     sft = json.loads((make_run / "sft" / MANIFEST).read_text())
     assert sft["inputs"]["eval_data"]["path"].endswith("data/sft_eval.jsonl")
     assert sft["metrics"]["eval_loss"] < sft["metrics"]["base_eval_loss"]
+    rm = json.loads((make_run / "rm" / MANIFEST).read_text())
+    assert rm["inputs"]["data"]["path"].endswith("prefs/ranked.jsonl")
+    assert rm["inputs"]["model"]["path"].endswith("run/sft")
+    assert {"eval_accuracy", "reward_mean", "reward_std"} <= set(rm["metrics"])
     assert not list(make_run.glob(".*.partial"))
 
 
@@ -36,12 +40,18 @@ def test_bundled_splits_are_valid_and_disjoint(make_run):
 
 
 def test_second_make_skips_unchanged_stages(make_run):
-    before = (make_run / "sft" / MANIFEST).read_text()
-    result = subprocess.run(["make", "sft", f"CONFIG={TINY}", f"RUN={make_run}"], cwd=ROOT, capture_output=True,
+    before = {stage: (make_run / stage / MANIFEST).read_text() for stage in ("sft", "prefs", "rm")}
+    result = subprocess.run(["make", "rm", f"CONFIG={TINY}", f"RUN={make_run}", "ARGS=--no_such_option 1"],
+                            cwd=ROOT, capture_output=True, text=True)
+    # ARGS reach only the stage named on the command line: rm refuses the option, the others never see it.
+    assert result.returncode != 0 and "unknown command-line argument(s): --no_such_option" in result.stderr
+    for stage in ("sft", "prefs"):
+        assert f"{stage}: " in result.stdout and "is up to date" in result.stdout
+    result = subprocess.run(["make", "rm", f"CONFIG={TINY}", f"RUN={make_run}"], cwd=ROOT, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "sft: " in result.stdout and "is up to date" in result.stdout
-    assert (make_run / "sft" / MANIFEST).read_text() == before
+    assert "rm: " in result.stdout and result.stdout.count("is up to date") == 5  # base, data, sft, prefs, rm
+    assert {stage: (make_run / stage / MANIFEST).read_text() for stage in before} == before
 
 
 def test_make_sft_with_user_data(make_run, tmp_path):
@@ -56,3 +66,19 @@ def test_make_sft_with_user_data(make_run, tmp_path):
     assert manifest["inputs"]["data"]["path"] == str(data.resolve())
     assert "eval_data" not in manifest["inputs"] and manifest["metrics"]["steps"] == 3
     assert not (run / "data").exists() and not (run / "base").exists()
+
+
+def test_make_rm_with_user_preferences(make_run, tmp_path):
+    prefix = "\n\nHuman: what do you think of the {}?"
+    rows = [{"chosen": prefix.format(i) + "\n\nAssistant: I love it!",
+             "rejected": prefix.format(i) + "\n\nAssistant: I hate it."} for i in range(30)]
+    prefs = write_jsonl(tmp_path / "hh.jsonl", rows)
+    run = tmp_path / "run"
+    result = subprocess.run(["make", "rm", f"CONFIG={TINY}", f"RUN={run}", f"PREFS={prefs}",
+                             f"BASE_MODEL={make_run / 'base'}", f"SFT_DATA={make_run / 'data' / 'sft_eval.jsonl'}",
+                             "ARGS=--max_steps 3"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = json.loads((run / "rm" / MANIFEST).read_text())
+    assert manifest["inputs"]["data"]["path"] == str(prefs.resolve()) and manifest["metrics"]["steps"] == 3
+    assert json.loads((run / "sft" / MANIFEST).read_text())["metrics"]["steps"] == 12  # ARGS went to rm only
+    assert not (run / "prefs").exists()

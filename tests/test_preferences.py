@@ -80,3 +80,17 @@ def test_prompt_too_long_names_rows(tmp_path, tiny_base):
     with pytest.raises(PipelineError, match=pattern):
         check_prompt_lengths(pairs, tokenizer, 128)
     check_prompt_lengths(pairs[:1], tokenizer, 128)
+
+
+def test_finished_flags_travel_with_ranked_and_pairwise_rows(tmp_path):
+    ranked = {"prompt": "q", "responses": ["a", "b", "c"], "scores": [0.9, 0.5, 0.1], "finished": [True, False, True]}
+    pairs = load_preference_pairs(str(write_jsonl(tmp_path / "r.jsonl", [ranked])))
+    assert [(p.chosen, p.chosen_finished, p.rejected_finished) for p in pairs] == \
+        [("a", True, False), ("a", True, True), ("b", False, True)]
+    # Written pairs read back with their flags.
+    round_trip = load_preference_pairs(str(write_jsonl(tmp_path / "pairs.jsonl", [p.as_row() for p in pairs])))
+    flags = [(p.chosen_finished, p.rejected_finished) for p in round_trip]
+    assert flags == [(True, False), (True, True), (False, True)]
+    bad = {**ranked, "finished": [True, False]}
+    with pytest.raises(PipelineError, match=r"r2.jsonl:1: 'finished' must be a list of 3 booleans"):
+        load_preference_pairs(str(write_jsonl(tmp_path / "r2.jsonl", [bad])))

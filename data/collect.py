@@ -1,0 +1,144 @@
+"""Collect preference data the InstructGPT way: sample K replies per prompt from a policy, have a labeller
+rank them, expand each ranking into its K*(K-1)/2 pairs.
+
+Usage:
+    python -m data.collect --config configs/default.yaml                          # embedded default
+    python -m data.collect --config configs/default.yaml --labeller mypkg.judges:helpful
+    python -m data.collect --config configs/default.yaml --labeller runs/default/rm  # an RM labels
+    make prefs
+
+Writes `output_dir` per the checkpoint contract: `candidates.jsonl` (prompt, responses, finished: what a
+human annotator ranks, see `data.annotate`), `ranked.jsonl` (the same with the labeller's scores; what
+`make rm` trains on), `pairs.jsonl` (the expanded pairs, trl's conversational format) and `pipeline.json`.
+The prompts must be held apart from PPO and evaluation prompts (the embedded splits are).
+"""
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+from transformers import set_seed
+
+from common.checkpoint import StagedOutput, describe_input, describe_parent, fingerprint, up_to_date
+from common.config import parse_config
+from common.errors import PipelineError, run_cli
+from common.modeling import generate_replies, load_causal_lm, load_tokenizer
+from data.judges import Judge, load_judge, run_judge
+from data.preferences import PreferencePair, ranking_pairs
+from data.prompts import load_prompts
+
+
+@dataclass
+class CollectConfig:
+    policy: str = field(default="runs/default/sft", metadata={"help": "checkpoint that writes the replies"})
+    prompts: str = field(default="runs/default/data/prompts_prefs.jsonl", metadata={"help": "prompt file"})
+    output_dir: str = field(default="runs/default/prefs", metadata={"help": "where the files are written"})
+    labeller: str = field(default="data.judges:gold_judge",
+                          metadata={"help": "module:function judge, or a reward-model folder"})
+    num_prompts: int = field(default=0, metadata={"help": "use the first N prompts (0: all)"})
+    samples_per_prompt: int = field(default=4, metadata={"help": "K replies per prompt, ranked together"})
+    max_new_tokens: int = field(default=32, metadata={"help": "reply length limit; longer replies are cut off"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    prompts_per_batch: int = field(default=8, metadata={"help": "prompts per generate call (x K sequences)"})
+    min_margin: float = field(default=0.0, metadata={"help": "pairs whose scores differ by no more are dropped"})
+    seed: int = field(default=42, metadata={"help": "sampling seed"})
+    force: bool = field(default=False, metadata={"help": "collect again even if the output is up to date"})
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def sample_candidates(config: CollectConfig, prompts: list[str]) -> list[dict]:
+    tokenizer = load_tokenizer(config.policy)
+    model = load_causal_lm(config.policy)
+    set_seed(config.seed)
+    k = config.samples_per_prompt
+    rows = []
+    bar = tqdm(range(0, len(prompts), config.prompts_per_batch), desc="prefs: sampling", unit="batch")
+    for start in bar:
+        batch = prompts[start:start + config.prompts_per_batch]
+        replies, finished = generate_replies(model, tokenizer, batch, config.max_new_tokens, do_sample=True,
+                                             temperature=config.temperature, num_return_sequences=k)
+        rows.extend({"prompt": prompt, "responses": replies[i * k:(i + 1) * k], "finished": finished[i * k:(i + 1) * k]}
+                    for i, prompt in enumerate(batch))
+    return rows
+
+
+def label(rows: list[dict], judge: Judge, spec: str) -> list[dict]:
+    prompts = [row["prompt"] for row in rows for _ in row["responses"]]
+    replies = [reply for row in rows for reply in row["responses"]]
+    finished = [flag for row in rows for flag in row["finished"]]
+    scores = iter(run_judge(judge, spec, prompts, replies, finished))
+    return [{**row, "scores": [next(scores) for _ in row["responses"]]} for row in rows]
+
+
+def expand(ranked: list[dict], min_margin: float) -> list[PreferencePair]:
+    """Rows of ranked.jsonl (with labeller `scores` or a human `ranking`) -> all their ordered pairs."""
+    pairs = []
+    for number, row in enumerate(ranked, start=1):
+        scores = row.get("scores")
+        order = sorted(range(len(scores)), key=lambda i: -scores[i]) if scores else row["ranking"]
+        for better, worse, margin in ranking_pairs(order, scores, min_margin):
+            # Two samples can be the same text: such a pair teaches nothing.
+            if row["responses"][better].strip() != row["responses"][worse].strip():
+                pairs.append(PreferencePair([{"role": "user", "content": row["prompt"]}], row["responses"][better],
+                                            row["responses"][worse], margin, f"ranked.jsonl:{number}",
+                                            row["finished"][better], row["finished"][worse]))
+    return pairs
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(CollectConfig, "prefs", argv)
+    if config.samples_per_prompt < 2:
+        raise PipelineError(f"samples_per_prompt must be at least 2 to rank replies, got {config.samples_per_prompt}")
+    inputs = {"policy": describe_parent(config.policy), "prompts": describe_input(config.prompts),
+              "labeller": describe_input(config.labeller) if Path(config.labeller).is_dir() else config.labeller}
+    print_ = fingerprint(config, inputs)
+    if not config.force and up_to_date(config.output_dir, print_):
+        print(f"prefs: {config.output_dir} is up to date (inputs unchanged); pass --force true to collect again")
+        return
+
+    # Validate everything (prompts, policy, labeller) before the long sampling run.
+    prompts = load_prompts(config.prompts)
+    prompts = prompts[: config.num_prompts] if config.num_prompts else prompts
+    load_tokenizer(config.policy)
+    judge = load_judge(config.labeller)
+    output = StagedOutput(config.output_dir, "prefs")
+    staging = output.open()
+
+    k = config.samples_per_prompt
+    print(f"prefs: {k} replies to each of {len(prompts)} prompts from {config.policy}, labelled by {config.labeller}")
+    candidates = sample_candidates(config, prompts)
+    ranked = label(candidates, judge, config.labeller)
+    pairs = expand(ranked, config.min_margin)
+    if not pairs:
+        raise PipelineError(f"the labeller {config.labeller} scored every reply the same (or within min_margin "
+                            f"{config.min_margin}); no preference pairs; check the labeller or lower min_margin")
+    write_jsonl(staging / "candidates.jsonl", candidates)
+    write_jsonl(staging / "ranked.jsonl", ranked)
+    write_jsonl(staging / "pairs.jsonl", [pair.as_row() for pair in pairs])
+
+    scores = [score for row in ranked for score in row["scores"]]
+    finished = [flag for row in ranked for flag in row["finished"]]
+    metrics = {
+        "prompts": len(ranked),
+        "replies": len(scores),
+        "pairs": len(pairs),
+        "pairs_possible": len(ranked) * k * (k - 1) // 2,
+        "score_mean": statistics.fmean(scores),
+        "score_std": statistics.pstdev(scores),
+        "finished_rate": sum(finished) / len(finished),
+        "mean_margin": statistics.fmean(pair.margin for pair in pairs),
+    }
+    final = output.commit(config, inputs, metrics, print_)
+    print(f"prefs: {metrics['pairs']} pairs from {metrics['prompts']} prompts "
+          f"({metrics['pairs_possible'] - metrics['pairs']} ties dropped); score mean {metrics['score_mean']:.3f}, "
+          f"{metrics['finished_rate']:.0%} of replies ended with EOS; wrote {final}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

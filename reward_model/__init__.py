@@ -1,0 +1,1 @@
+"""Stage 2: a pairwise reward model on preference data (`python -m reward_model`, `make rm`)."""

@@ -1,0 +1,221 @@
+"""Stage 2: a pairwise (Bradley-Terry) reward model with trl's RewardTrainer, initialised from the SFT model.
+
+Usage:
+    python -m reward_model --config configs/default.yaml                         # on the collected prefs
+    python -m reward_model --config configs/default.yaml --data my_prefs.jsonl --output_dir runs/mine/rm
+    python -m reward_model --config configs/default.yaml --use_lora true         # LoRA (merged on save)
+    make rm                    # make prefs first, then this
+    make rm PREFS=my_prefs.jsonl
+
+Reads any preference shape `data.preferences` accepts (pairs, chat, HH transcripts, rankings/scores),
+holds out pairs by prompt (no prompt is in both splits), trains a one-logit sequence classifier whose
+score is read at the last real token, and reports held-out pairwise accuracy, mean chosen/rejected
+score and margin, plus the reward mean/std over its training responses (PPO normalises with them).
+Writes `output_dir` per the checkpoint contract; a rerun with unchanged inputs does nothing.
+"""
+
+import hashlib
+import os
+import random
+import statistics
+from dataclasses import dataclass, field
+
+import torch
+from datasets import Dataset
+from transformers import set_seed
+from trl import RewardConfig, RewardTrainer
+
+from common.checkpoint import StagedOutput, describe_input, describe_parent, fingerprint, up_to_date
+from common.config import parse_config, parse_mapping
+from common.errors import PipelineError
+from common.metrics import JsonlMetricsCallback
+from common.modeling import load_reward_model, load_tokenizer
+from common.reward import RewardScorer, reward_input_ids
+from common.training import TrainerOptions
+from data.preferences import PreferencePair, check_prompt_lengths, load_preference_pairs
+
+
+@dataclass
+class RewardStageConfig(TrainerOptions):
+    model: str = field(default="runs/default/sft", metadata={"help": "initial model: the SFT checkpoint"})
+    data: str = field(default="runs/default/prefs/ranked.jsonl", metadata={"help": "preference data"})
+    eval_data: str = field(default="", metadata={"help": "held-out pairs; empty: hold out eval_fraction of prompts"})
+    output_dir: str = field(default="runs/default/rm", metadata={"help": "where the checkpoint is written"})
+    columns: str = field(default="", metadata={"help": "column mapping, e.g. chosen=good,rejected=bad"})
+    min_margin: float = field(default=0.0, metadata={"help": "drop scored pairs whose scores differ by no more"})
+    eval_fraction: float = field(default=0.1, metadata={"help": "share of prompts held out when no eval_data"})
+    max_train_pairs: int = field(default=0, metadata={"help": "train on at most this many pairs (0: all)"})
+    max_eval_pairs: int = field(default=500, metadata={"help": "evaluate on at most this many pairs (0: all)"})
+    learning_rate: float = field(default=1e-5, metadata={"help": "peak learning rate"})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "pairs per device per step"})
+    per_device_eval_batch_size: int = field(default=16, metadata={"help": "sequences per forward pass in eval"})
+    use_margin: bool = field(default=False, metadata={"help": "loss -log sigmoid(r_c - r_r - margin) with the "
+                                                               "data's score margins (Llama 2)"})
+    center_rewards_coefficient: float = field(default=0.0, metadata={"help": "weight of mean(r^2) that keeps "
+                                                                              "rewards centred at 0; 0: off"})
+    head_learning_rate: float = field(default=0.0, metadata={"help": "learning rate of the new score head; "
+                                                                      "0: learning_rate"})
+    trainable_layers: int = field(default=0, metadata={"help": "train only the top N transformer blocks (plus "
+                                                                "final norm and score head); 0: all"})
+    norm_responses: int = field(default=512, metadata={"help": "training replies scored for the reward "
+                                                                "mean/std that PPO normalises with"})
+
+
+def prompt_key(pair: PreferencePair) -> str:
+    return "\n".join(f"{m['role']}:{m['content']}" for m in pair.prompt)
+
+
+def load_splits(config: RewardStageConfig) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    columns = parse_mapping(config.columns, "columns")
+    pairs = load_preference_pairs(config.data, columns, config.min_margin)
+    if config.eval_data:
+        train, evaluation = pairs, load_preference_pairs(config.eval_data, columns, config.min_margin)
+    else:
+        # Split by prompt: pairs expanded from one ranking share their prompt and replies, so a pair-level
+        # split would let the model see held-out replies in training and inflate the accuracy.
+        def held_out(pair: PreferencePair) -> bool:
+            digest = hashlib.sha256(f"{config.seed}:{prompt_key(pair)}".encode()).digest()
+            return int.from_bytes(digest[:8]) / 2**64 < config.eval_fraction
+
+        train = [pair for pair in pairs if not held_out(pair)]
+        evaluation = [pair for pair in pairs if held_out(pair)]
+        if not train or not evaluation:
+            raise PipelineError(f"{config.data}: {len(pairs)} pairs over too few prompts to hold out "
+                                f"{config.eval_fraction:.0%} of them; add data, change eval_fraction or pass eval_data")
+    random.Random(config.seed).shuffle(train)
+    if config.max_train_pairs:
+        train = train[: config.max_train_pairs]
+    if config.max_eval_pairs:
+        evaluation = evaluation[: config.max_eval_pairs]
+    return train, evaluation
+
+
+def tokenize_pairs(pairs: list[PreferencePair], tokenizer, config: RewardStageConfig, split: str) -> Dataset:
+    """Token ids built exactly as `common.reward` builds them at scoring time (PPO, evaluation)."""
+    rows = []
+    for pair in pairs:
+        chosen = reward_input_ids(tokenizer, pair.prompt, pair.chosen, pair.chosen_finished)
+        rejected = reward_input_ids(tokenizer, pair.prompt, pair.rejected, pair.rejected_finished)
+        if max(len(chosen), len(rejected)) <= config.max_length:
+            rows.append({"chosen_ids": chosen, "rejected_ids": rejected, "margin": pair.margin})
+    dropped = len(pairs) - len(rows)
+    if dropped:
+        print(f"rm: dropped {dropped} of {len(pairs)} {split} pairs longer than max_length {config.max_length} tokens")
+    if not rows:
+        raise PipelineError(f"every {split} pair is longer than max_length {config.max_length} tokens; raise it")
+    dataset = Dataset.from_list(rows)
+    return dataset if config.use_margin else dataset.remove_columns("margin")
+
+
+def freeze_lower_blocks(model: torch.nn.Module, trainable: int) -> int:
+    """Freeze the embeddings and all but the top `trainable` blocks; returns the trainable parameter count.
+
+    Backpropagation then stops at the lowest trainable block, so a step costs little more than a forward
+    pass: on a CPU this buys several times more preference pairs per minute, and sentiment-like judgements
+    live in the top layers' features anyway.
+    """
+    blocks = next(module for module in model.modules() if isinstance(module, torch.nn.ModuleList))
+    if not 0 < trainable <= len(blocks):
+        raise PipelineError(f"trainable_layers must be from 1 to {len(blocks)} (the model's blocks), got {trainable}")
+    for module in (model.get_input_embeddings(), *blocks[: len(blocks) - trainable]):
+        module.requires_grad_(False)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def pairwise_metrics(scorer: RewardScorer, pairs: list[PreferencePair], prefix: str) -> dict[str, float]:
+    chosen = scorer.score([p.prompt for p in pairs], [p.chosen for p in pairs], [p.chosen_finished for p in pairs],
+                          progress=f"rm: scoring {prefix} chosen")
+    rejected = scorer.score([p.prompt for p in pairs], [p.rejected for p in pairs],
+                            [p.rejected_finished for p in pairs], progress=f"rm: scoring {prefix} rejected")
+    # A tie counts half: a constant model scores 0.5, not 0 or 1.
+    wins = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected, strict=True))
+    return {f"{prefix}_accuracy": wins / len(pairs), f"{prefix}_chosen_mean": statistics.fmean(chosen),
+            f"{prefix}_rejected_mean": statistics.fmean(rejected),
+            f"{prefix}_margin": statistics.fmean(c - r for c, r in zip(chosen, rejected, strict=True))}
+
+
+def reward_normalisation(scorer: RewardScorer, train: list[PreferencePair], config: RewardStageConfig) -> dict:
+    """Mean and std of the reward over distinct training replies: PPO can whiten its rewards with them."""
+    replies = {(prompt_key(p), reply): (p.prompt, reply, done) for p in train
+               for reply, done in ((p.chosen, p.chosen_finished), (p.rejected, p.rejected_finished))}
+    chosen = list(replies.values())
+    random.Random(config.seed).shuffle(chosen)
+    chosen = chosen[: config.norm_responses]
+    scores = scorer.score([c[0] for c in chosen], [c[1] for c in chosen], [c[2] for c in chosen],
+                          progress="rm: scoring training replies")
+    return {"reward_mean": statistics.fmean(scores), "reward_std": statistics.pstdev(scores),
+            "reward_stat_replies": len(scores)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(RewardStageConfig, "rm", argv)
+    inputs = {"model": describe_parent(config.model), "data": describe_input(config.data)}
+    if config.eval_data:
+        inputs["eval_data"] = describe_input(config.eval_data)
+    print_ = fingerprint(config, inputs)
+    if not config.force and up_to_date(config.output_dir, print_):
+        print(f"rm: {config.output_dir} is up to date (inputs unchanged); pass --force true to retrain")
+        return
+
+    # Validate everything before any work or any output.
+    if config.use_lora and config.trainable_layers:
+        raise PipelineError("use_lora and trainable_layers are two ways to train fewer weights; choose one")
+    train, evaluation = load_splits(config)
+    tokenizer = load_tokenizer(config.model)
+    check_prompt_lengths(train + evaluation, tokenizer, config.max_length - 1)
+    train_dataset = tokenize_pairs(train, tokenizer, config, "train")
+    eval_dataset = tokenize_pairs(evaluation, tokenizer, config, "eval")
+    set_seed(config.seed)  # the new score head is initialised from this seed
+    model = load_reward_model(config.model, tokenizer.pad_token_id)
+    if config.trainable_layers:
+        trainable = freeze_lower_blocks(model, config.trainable_layers)
+        print(f"rm: training the top {config.trainable_layers} blocks and the head: {trainable:,} parameters")
+    output = StagedOutput(config.output_dir, "rm")
+    staging = output.open()
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(staging / "tensorboard")
+    trainer = RewardTrainer(
+        model=model,
+        # Dropout off: the same score for the same input in training and when PPO reads it.
+        args=RewardConfig(disable_dropout=True, center_rewards_coefficient=config.center_rewards_coefficient or None,
+                          **config.trainer_kwargs(str(staging))),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=config.lora_config("SEQ_CLS"),  # SEQ_CLS keeps the new score head fully trainable
+        callbacks=[JsonlMetricsCallback(staging / "metrics.jsonl")],
+    )
+    if config.head_learning_rate:
+        # The score head starts from random weights next to a trained backbone: at the backbone's small
+        # learning rate it barely moves in a short run, so it gets its own, larger one.
+        groups = {"head": [], "body": []}
+        for name, parameter in trainer.model.named_parameters():
+            if parameter.requires_grad:
+                groups["head" if ".score." in f".{name}." or name.startswith("score") else "body"].append(parameter)
+        trainer.optimizer = torch.optim.AdamW(
+            [{"params": groups["body"]}, {"params": groups["head"], "lr": config.head_learning_rate}],
+            lr=config.learning_rate, weight_decay=config.weight_decay)
+    print(f"rm: {len(train_dataset)} train / {len(eval_dataset)} held-out pairs, {config.model} -> {config.output_dir}")
+    result = trainer.train()
+
+    trained = trainer.model
+    if config.use_lora and config.merge:
+        trained = trained.merge_and_unload()
+    scorer = RewardScorer(trained, tokenizer, batch_size=config.per_device_eval_batch_size)
+    metrics = {
+        **pairwise_metrics(scorer, evaluation, "eval"),
+        **reward_normalisation(scorer, train, config),
+        "train_loss": result.training_loss,
+        "steps": result.global_step,
+        "train_pairs": len(train_dataset),
+        "eval_pairs": len(evaluation),
+        "train_seconds": result.metrics["train_runtime"],
+        "adapter": bool(config.use_lora and not config.merge),
+    }
+    trainer.log({key: value for key, value in metrics.items() if isinstance(value, float)})
+    trained.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    final = output.commit(config, inputs, metrics, print_)
+    print(f"rm: held-out pairwise accuracy {metrics['eval_accuracy']:.3f} on {len(evaluation)} pairs "
+          f"(chosen {metrics['eval_chosen_mean']:.3f}, rejected {metrics['eval_rejected_mean']:.3f}, "
+          f"margin {metrics['eval_margin']:.3f}); reward mean {metrics['reward_mean']:.3f} "
+          f"std {metrics['reward_std']:.3f}; {result.global_step} steps; wrote {final}")
