@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
-from transformers import set_seed
+from transformers import PreTrainedTokenizerBase, set_seed
 
 from common.checkpoint import StagedOutput, describe_input, describe_parent, fingerprint, up_to_date
 from common.config import parse_config
@@ -52,8 +52,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
         handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
-def sample_candidates(config: CollectConfig, prompts: list[str]) -> list[dict]:
-    tokenizer = load_tokenizer(config.policy)
+def sample_candidates(config: CollectConfig, tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[dict]:
     model = load_causal_lm(config.policy)
     set_seed(config.seed)
     k = config.samples_per_prompt
@@ -105,14 +104,14 @@ def main(argv: list[str] | None = None) -> None:
     # Validate everything (prompts, policy, labeller) before the long sampling run.
     prompts = load_prompts(config.prompts)
     prompts = prompts[: config.num_prompts] if config.num_prompts else prompts
-    load_tokenizer(config.policy)
+    tokenizer = load_tokenizer(config.policy)
     judge = load_judge(config.labeller)
     output = StagedOutput(config.output_dir, "prefs")
     staging = output.open()
 
     k = config.samples_per_prompt
     print(f"prefs: {k} replies to each of {len(prompts)} prompts from {config.policy}, labelled by {config.labeller}")
-    candidates = sample_candidates(config, prompts)
+    candidates = sample_candidates(config, tokenizer, prompts)
     ranked = label(candidates, judge, config.labeller)
     pairs = expand(ranked, config.min_margin)
     if not pairs:

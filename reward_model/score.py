@@ -21,6 +21,7 @@ from common.reward import RewardScorer
 from data.chat import Message, RowError, as_messages
 from data.preferences import finished_flag, load_preference_pairs, reply_text
 from data.tables import Table, raise_first_problem, read_table
+from reward_model.train import pairwise_metrics, score_pairs
 
 
 @dataclass
@@ -68,14 +69,12 @@ def main(argv: list[str] | None = None) -> None:
     else:
         pairs = load_preference_pairs(config.data, columns)
         scorer = RewardScorer.load(config.model, config.batch_size)
-        prompts = [p.prompt for p in pairs]
-        chosen = scorer.score(prompts, [p.chosen for p in pairs], [p.chosen_finished for p in pairs], "chosen")
-        rejected = scorer.score(prompts, [p.rejected for p in pairs], [p.rejected_finished for p in pairs], "rejected")
+        chosen, rejected = score_pairs(scorer, pairs, "score")
         rows = [{**pair.as_row(), "chosen_score": c, "rejected_score": r, "source": pair.location}
                 for pair, c, r in zip(pairs, chosen, rejected, strict=True)]
-        wins = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected, strict=True))
-        print(f"score: {len(pairs)} pairs, accuracy {wins / len(pairs):.3f}, "
-              f"chosen mean {statistics.fmean(chosen):.3f}, rejected mean {statistics.fmean(rejected):.3f}")
+        metrics = pairwise_metrics(chosen, rejected, "pairs")
+        print(f"score: {len(pairs)} pairs, accuracy {metrics['pairs_accuracy']:.3f}, "
+              f"chosen mean {metrics['pairs_chosen_mean']:.3f}, rejected mean {metrics['pairs_rejected_mean']:.3f}")
     output = Path(config.output or Path(config.data).with_suffix(".scores.jsonl"))
     temporary = output.with_name(output.name + ".partial")
     with temporary.open("w", encoding="utf-8") as handle:

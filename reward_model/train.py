@@ -122,14 +122,20 @@ def freeze_lower_blocks(model: torch.nn.Module, trainable: int) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def pairwise_metrics(scorer: RewardScorer, pairs: list[PreferencePair], prefix: str) -> dict[str, float]:
-    chosen = scorer.score([p.prompt for p in pairs], [p.chosen for p in pairs], [p.chosen_finished for p in pairs],
-                          progress=f"rm: scoring {prefix} chosen")
-    rejected = scorer.score([p.prompt for p in pairs], [p.rejected for p in pairs],
-                            [p.rejected_finished for p in pairs], progress=f"rm: scoring {prefix} rejected")
+def score_pairs(scorer: RewardScorer, pairs: list[PreferencePair], what: str) -> tuple[list[float], list[float]]:
+    """Scores of each pair's chosen and rejected reply."""
+    prompts = [p.prompt for p in pairs]
+    chosen = scorer.score(prompts, [p.chosen for p in pairs], [p.chosen_finished for p in pairs],
+                          progress=f"{what} chosen")
+    rejected = scorer.score(prompts, [p.rejected for p in pairs], [p.rejected_finished for p in pairs],
+                            progress=f"{what} rejected")
+    return chosen, rejected
+
+
+def pairwise_metrics(chosen: list[float], rejected: list[float], prefix: str) -> dict[str, float]:
     # A tie counts half: a constant model scores 0.5, not 0 or 1.
     wins = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected, strict=True))
-    return {f"{prefix}_accuracy": wins / len(pairs), f"{prefix}_chosen_mean": statistics.fmean(chosen),
+    return {f"{prefix}_accuracy": wins / len(chosen), f"{prefix}_chosen_mean": statistics.fmean(chosen),
             f"{prefix}_rejected_mean": statistics.fmean(rejected),
             f"{prefix}_margin": statistics.fmean(c - r for c, r in zip(chosen, rejected, strict=True))}
 
@@ -138,10 +144,10 @@ def reward_normalisation(scorer: RewardScorer, train: list[PreferencePair], conf
     """Mean and std of the reward over distinct training replies: PPO can whiten its rewards with them."""
     replies = {(prompt_key(p), reply): (p.prompt, reply, done) for p in train
                for reply, done in ((p.chosen, p.chosen_finished), (p.rejected, p.rejected_finished))}
-    chosen = list(replies.values())
-    random.Random(config.seed).shuffle(chosen)
-    chosen = chosen[: config.norm_responses]
-    scores = scorer.score([c[0] for c in chosen], [c[1] for c in chosen], [c[2] for c in chosen],
+    sample = list(replies.values())
+    random.Random(config.seed).shuffle(sample)
+    sample = sample[: config.norm_responses]
+    scores = scorer.score([s[0] for s in sample], [s[1] for s in sample], [s[2] for s in sample],
                           progress="rm: scoring training replies")
     return {"reward_mean": statistics.fmean(scores), "reward_std": statistics.pstdev(scores),
             "reward_stat_replies": len(scores)}
@@ -202,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         trained = trained.merge_and_unload()
     scorer = RewardScorer(trained, tokenizer, batch_size=config.per_device_eval_batch_size)
     metrics = {
-        **pairwise_metrics(scorer, evaluation, "eval"),
+        **pairwise_metrics(*score_pairs(scorer, evaluation, "rm: scoring eval"), "eval"),
         **reward_normalisation(scorer, train, config),
         "train_loss": result.training_loss,
         "steps": result.global_step,
