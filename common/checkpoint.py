@@ -107,8 +107,9 @@ class StagedOutput:
         self.stage = stage
         self.started = time.time()
 
-    def open(self) -> Path:
-        """Check the destination is writable, discard a killed run's leftovers, create the staging folder."""
+    def open(self, keep: bool = False) -> Path:
+        """Check the destination is writable, discard a killed run's leftovers (unless `keep`: a stage that
+        resumes from a checkpoint inside them), create the staging folder."""
         parent = self.final.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
@@ -116,9 +117,9 @@ class StagedOutput:
             raise PipelineError(f"cannot create output folder {parent}: {err.strerror}; choose another RUN=") from None
         if not os.access(parent, os.W_OK):
             raise PipelineError(f"output folder {parent} is not writable; fix its permissions or choose another RUN=")
-        if self.staging.exists():
+        if self.staging.exists() and not keep:
             shutil.rmtree(self.staging)
-        self.staging.mkdir()
+        self.staging.mkdir(exist_ok=True)
         return self.staging
 
     def commit(self, config: Any, inputs: dict[str, Any], metrics: dict[str, Any], print_: str) -> Path:

@@ -103,6 +103,21 @@ def load_reward_model(path: str, pad_token_id: int) -> PreTrainedModel:
     return model
 
 
+def freeze_lower_blocks(model: torch.nn.Module, trainable: int) -> int:
+    """Freeze the embeddings and all but the top `trainable` blocks; returns the trainable parameter count.
+
+    Backpropagation then stops at the lowest trainable block, so a step costs little more than a forward
+    pass: on a CPU this buys several times more preference pairs per minute, and sentiment-like judgements
+    live in the top layers' features anyway.
+    """
+    blocks = next(module for module in model.modules() if isinstance(module, torch.nn.ModuleList))
+    if not 0 < trainable <= len(blocks):
+        raise PipelineError(f"trainable_layers must be from 1 to {len(blocks)} (the model's blocks), got {trainable}")
+    for module in (model.get_input_embeddings(), *blocks[: len(blocks) - trainable]):
+        module.requires_grad_(False)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 @torch.no_grad()
 def generate_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
                      max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,

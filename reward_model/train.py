@@ -29,7 +29,7 @@ from common.checkpoint import StagedOutput, describe_input, describe_parent, fin
 from common.config import parse_config, parse_mapping
 from common.errors import PipelineError
 from common.metrics import JsonlMetricsCallback
-from common.modeling import load_reward_model, load_tokenizer
+from common.modeling import freeze_lower_blocks, load_reward_model, load_tokenizer
 from common.reward import RewardScorer, reward_input_ids
 from common.training import TrainerOptions
 from data.preferences import PreferencePair, check_prompt_lengths, load_preference_pairs
@@ -105,21 +105,6 @@ def tokenize_pairs(pairs: list[PreferencePair], tokenizer, config: RewardStageCo
         raise PipelineError(f"every {split} pair is longer than max_length {config.max_length} tokens; raise it")
     dataset = Dataset.from_list(rows)
     return dataset if config.use_margin else dataset.remove_columns("margin")
-
-
-def freeze_lower_blocks(model: torch.nn.Module, trainable: int) -> int:
-    """Freeze the embeddings and all but the top `trainable` blocks; returns the trainable parameter count.
-
-    Backpropagation then stops at the lowest trainable block, so a step costs little more than a forward
-    pass: on a CPU this buys several times more preference pairs per minute, and sentiment-like judgements
-    live in the top layers' features anyway.
-    """
-    blocks = next(module for module in model.modules() if isinstance(module, torch.nn.ModuleList))
-    if not 0 < trainable <= len(blocks):
-        raise PipelineError(f"trainable_layers must be from 1 to {len(blocks)} (the model's blocks), got {trainable}")
-    for module in (model.get_input_embeddings(), *blocks[: len(blocks) - trainable]):
-        module.requires_grad_(False)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def score_pairs(scorer: RewardScorer, pairs: list[PreferencePair], what: str) -> tuple[list[float], list[float]]:

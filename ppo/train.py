@@ -1,0 +1,867 @@
+"""Stage 3: PPO against the reward model (InstructGPT's third step), our own trainer on `accelerate`.
+
+Usage:
+    python -m ppo --config configs/default.yaml                                  # embedded default
+    python -m ppo --config configs/default.yaml --prompts my_prompts.jsonl --output_dir runs/mine/ppo
+    python -m ppo --config configs/default.yaml --extra_rewards "data.judges:gold_judge=0.5"
+    python -m ppo --config configs/default.yaml --use_lora true                  # reference = adapter off
+    accelerate launch --num_processes 2 -m ppo --config configs/default.yaml      # several processes
+    make ppo                   # after make rm;  make ppo PROMPTS=my_prompts.jsonl for your own prompts
+
+One update, as in Huang et al. 2024 ("The N+ implementation details of RLHF with PPO"):
+  1. rollout: sample a reply to each prompt of the batch from the policy (left-padded prompts, KV cache,
+     temperature T), cut it after its first EOS, and record the policy's and the reference's log-probs of
+     logits / T and the critic's value of every reply token;
+  2. reward: the reward sources (the RM, plus optional RMs or `module:function` callables, weighted) score
+     each reply once; that score lands on the reply's last real token, and every token pays the KL
+     penalty kl_coef * (log pi - log pi_ref);
+  3. advantages: GAE over the reply tokens, whitened over the batch;
+  4. learn: `ppo_epochs` passes over the batch in minibatches; clipped policy loss plus vf_coef times the
+     clipped value loss (plus an SFT loss on SFT data with PPO-ptx); one optimizer step per minibatch.
+
+Writes `output_dir` per the checkpoint contract: the policy (merged, or a LoRA adapter with merge: false),
+the critic in `value/`, `metrics.jsonl`, TensorBoard logs and `pipeline.json`. Checkpoints of the whole
+training state go to `.ppo.partial/resume/` every `save_every` updates; a rerun after a kill resumes there.
+"""
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler, set_seed
+
+from common.checkpoint import StagedOutput, describe_input, describe_parent, fingerprint, up_to_date
+from common.config import parse_config, parse_mapping
+from common.errors import PipelineError
+from common.modeling import (
+    choose_precision,
+    freeze_lower_blocks,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+)
+from common.reward import RewardScorer, prompt_input_ids
+from data.chat import load_chat_examples
+from data.judges import Judge, load_judge, run_judge
+from data.prompts import load_prompts
+
+
+@dataclass
+class PPOStageConfig:
+    # --- what goes in
+    policy: str = field(default="runs/default/sft", metadata={"help": "initial policy and reference: SFT checkpoint"})
+    reward_model: str = field(default="runs/default/rm", metadata={"help": "reward model checkpoint"})
+    critic: str = field(default="", metadata={"help": "initial critic (a one-logit classifier); empty: the RM"})
+    prompts: str = field(default="runs/default/data/prompts_ppo.jsonl", metadata={"help": "training prompt file"})
+    prompt_column: str = field(default="prompt", metadata={"help": "column of the prompt file that holds prompts"})
+    output_dir: str = field(default="runs/default/ppo", metadata={"help": "where the checkpoint is written"})
+    # --- reward
+    reward_model_weight: float = field(default=1.0, metadata={"help": "weight of the reward model's score"})
+    extra_rewards: str = field(default="", metadata={"help": "more reward sources, 'spec=weight,...': a spec is an "
+                                                              "RM folder or module:function; each is logged"})
+    normalize_reward: bool = field(default=True, metadata={"help": "whiten RM scores with the mean/std the RM "
+                                                                   "stage stored in its pipeline.json"})
+    reward_clip: float = field(default=5.0, metadata={"help": "clip the summed score to [-c, c]; 0: off"})
+    missing_eos_penalty: float = field(default=1.0, metadata={"help": "subtracted from the score of a reply cut "
+                                                                      "off at max_new_tokens (no EOS)"})
+    judge: str = field(default="data.judges:gold_judge", metadata={"help": "judge logged in periodic evaluation "
+                                                                            "(not a reward); empty: none"})
+    # --- rollout
+    num_updates: int = field(default=20, metadata={"help": "PPO updates (rollout + learning) in the whole run"})
+    rollout_batch_size: int = field(default=32, metadata={"help": "episodes (prompts) per update, all processes"})
+    generation_batch_size: int = field(default=16, metadata={"help": "prompts per generate/forward call in the "
+                                                                     "rollout (rollout micro-batching)"})
+    max_prompt_length: int = field(default=128, metadata={"help": "longest templated prompt, in tokens; longer "
+                                                                  "prompts are an error"})
+    max_new_tokens: int = field(default=32, metadata={"help": "reply length limit"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature; log-probs use logits / T"})
+    # --- KL penalty
+    kl_coef: float = field(default=0.05, metadata={"help": "initial per-token KL penalty coefficient"})
+    kl_estimator: str = field(default="k1", metadata={"help": "k1 (log ratio) or k3 (low-variance, non-negative)"})
+    target_kl: float = field(default=0.0, metadata={"help": "adaptive KL: target sequence KL; 0: fixed kl_coef"})
+    kl_horizon: int = field(default=10000, metadata={"help": "adaptive KL horizon in episodes (Ziegler et al.)"})
+    # --- learning
+    ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout batch"})
+    mini_batch_size: int = field(default=8, metadata={"help": "episodes per optimizer step, all processes"})
+    micro_batch_size: int = field(default=4, metadata={"help": "episodes per forward/backward per process"})
+    learning_rate: float = field(default=3e-6, metadata={"help": "policy learning rate (linear decay to 0)"})
+    critic_learning_rate: float = field(default=0.0, metadata={"help": "critic learning rate; 0: learning_rate"})
+    adam_eps: float = field(default=1e-5, metadata={"help": "AdamW epsilon"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient norm clip"})
+    gamma: float = field(default=1.0, metadata={"help": "discount"})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip"})
+    cliprange_value: float = field(default=0.2, metadata={"help": "value clip around the rollout's values"})
+    vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss"})
+    whiten_rewards: bool = field(default=False, metadata={"help": "whiten per-token rewards before GAE"})
+    trainable_layers: int = field(default=0, metadata={"help": "train only the top N blocks of policy and critic "
+                                                                "(a cheap step on a CPU); 0: all"})
+    use_lora: bool = field(default=False, metadata={"help": "train a LoRA adapter on the policy; the reference is "
+                                                            "the policy with the adapter disabled"})
+    critic_use_lora: bool = field(default=False, metadata={"help": "train a LoRA adapter on the critic too"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "peft target modules"})
+    merge: bool = field(default=True, metadata={"help": "merge LoRA adapters into the saved models"})
+    ptx_coef: float = field(default=0.0, metadata={"help": "PPO-ptx: weight of an SFT loss on ptx_data; 0: off"})
+    ptx_data: str = field(default="", metadata={"help": "SFT data for PPO-ptx (any shape `make sft` reads)"})
+    # --- evaluation, checkpoints, run
+    num_eval_prompts: int = field(default=16, metadata={"help": "prompts held out of training for periodic eval"})
+    eval_every: int = field(default=5, metadata={"help": "evaluate every N updates (and before and after)"})
+    save_every: int = field(default=5, metadata={"help": "checkpoint the training state every N updates; 0: never"})
+    precision: str = field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16 (auto: fp32 on CPU)"})
+    seed: int = field(default=42, metadata={"help": "seed for prompt order, sampling and initialisation"})
+    force: bool = field(default=False, metadata={"help": "train again even if the output is up to date"})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The maths: pure functions on [episodes, reply tokens] tensors; `mask` is 1 on real reply tokens.
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Zero mean (unless shift_mean is False), unit variance over the real tokens; padding stays 0."""
+    mean = masked_mean(values, mask)
+    count = mask.sum()
+    variance = masked_mean((values - mean) ** 2, mask) * count / (count - 1).clamp(min=1)  # unbiased
+    whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
+    return (whitened if shift_mean else whitened + mean) * mask
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimates from samples of pi (Schulman, "Approximating KL divergence"):
+    k1 = log(pi/pi_ref), unbiased but can be negative; k3 = (r - 1) - log r with r = pi_ref/pi, unbiased,
+    never negative and of lower variance."""
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    return torch.expm1(-log_ratio) + log_ratio
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Every reply token pays the KL penalty; the reply's score lands on its last real token (its EOS, or
+    the last token before the length limit)."""
+    rewards = -kl_coef * kl * mask
+    last = mask.sum(dim=1).long() - 1
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards
+
+
+def generalized_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+                           lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE (Schulman et al. 2016) backwards over the reply tokens; the value after the last token is 0.
+    Returns (advantages, returns = advantages + values)."""
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.shape[0], device=rewards.device)
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, advantages + values
+
+
+def ppo_losses(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+               values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               cliprange: float, cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """The clipped surrogate policy loss and the clipped value loss, averaged over real tokens."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
+    policy_loss = masked_mean(torch.max(unclipped, clipped), mask)
+    # The value may move at most cliprange_value from the value it had when the rollout was taken.
+    values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    value_errors = torch.max((values - returns) ** 2, (values_clipped - returns) ** 2)
+    value_loss = 0.5 * masked_mean(value_errors, mask)
+    with torch.no_grad():
+        stats = {
+            "policy/clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
+            "policy/approxkl": 0.5 * masked_mean(log_ratio ** 2, mask).item(),
+            "policy/ratio_mean": masked_mean(ratio, mask).item(),
+            "value/clipfrac": masked_mean(((values_clipped - returns) ** 2 > (values - returns) ** 2).float(),
+                                          mask).item(),
+        }
+    return policy_loss, value_loss, stats
+
+
+class KLController:
+    """A fixed coefficient, or Ziegler et al.'s adaptive one: nudged towards `target` sequence KL, by at
+    most 20% per horizon of episodes."""
+
+    def __init__(self, coef: float, target: float, horizon: int):
+        self.coef, self.target, self.horizon = coef, target, horizon
+
+    def update(self, sequence_kl: float, episodes: int) -> None:
+        if self.target:
+            error = min(max(sequence_kl / self.target - 1, -0.2), 0.2)
+            self.coef *= 1 + error * episodes / self.horizon
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models
+
+
+class PolicyAndCritic(torch.nn.Module):
+    """Policy and critic as one module with one optimizer: what `accelerate` (DDP, DeepSpeed) prepares as a
+    unit. A forward pass returns the policy's logits, the critic's value at every position and, for
+    PPO-ptx, the policy's logits on an SFT batch."""
+
+    def __init__(self, policy: PreTrainedModel, critic: PreTrainedModel):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+
+    def forward(self, input_ids, attention_mask, position_ids, ptx_ids=None, ptx_mask=None):
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).logits
+        # The critic is a sequence classifier; its score head applied to every position's hidden state
+        # gives a value per token (the classifier itself only reads the last one).
+        critic = self.critic.get_base_model() if isinstance(self.critic, PeftModel) else self.critic
+        hidden = getattr(critic, critic.base_model_prefix)(input_ids=input_ids, attention_mask=attention_mask,
+                                                           position_ids=position_ids, use_cache=False)
+        values = critic.score(hidden.last_hidden_state).squeeze(-1).float()
+        ptx_logits = None
+        if ptx_ids is not None:
+            ptx_logits = self.policy(input_ids=ptx_ids, attention_mask=ptx_mask, use_cache=False).logits
+        return logits, values, ptx_logits
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    # Dropout makes the log-probs of the same tokens differ between rollout and learning, so the PPO
+    # ratio would not start at 1; and the critic's values would be noisy.
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def build_models(config: PPOStageConfig, tokenizer: PreTrainedTokenizerBase):
+    """Policy, critic and (unless LoRA makes it the policy with its adapter off) a frozen reference."""
+    policy = load_causal_lm(config.policy)
+    critic = load_reward_model(config.critic or config.reward_model, tokenizer.pad_token_id)
+    reference = None
+    if config.use_lora:
+        policy = get_peft_model(policy, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                                                   target_modules=config.lora_target_modules, task_type="CAUSAL_LM"))
+    else:
+        reference = load_causal_lm(config.policy).requires_grad_(False).eval()
+        disable_dropout(reference)
+        if config.trainable_layers:
+            freeze_lower_blocks(policy, config.trainable_layers)
+    if config.critic_use_lora:
+        critic = get_peft_model(critic, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                                                   target_modules=config.lora_target_modules, task_type="SEQ_CLS"))
+    elif config.trainable_layers:
+        freeze_lower_blocks(critic, config.trainable_layers)
+    for model in (policy, critic):
+        disable_dropout(model)
+    return policy, critic, reference
+
+
+def check_tokenizers_match(policy: str, tokenizer: PreTrainedTokenizerBase, other: str) -> None:
+    """The RM must read the token ids the policy writes: same vocabulary, same chat template, same EOS."""
+    theirs = load_tokenizer(other)
+    if (tokenizer.get_vocab() != theirs.get_vocab() or tokenizer.eos_token_id != theirs.eos_token_id
+            or tokenizer.chat_template != theirs.chat_template):
+        raise PipelineError(f"the tokenizer of {other} differs from the policy's ({policy}): vocabulary, EOS or "
+                            "chat template; train the reward model from the same SFT checkpoint as the policy")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rewards
+
+
+@dataclass
+class RewardSource:
+    name: str
+    weight: float
+    scorer: RewardScorer | None = None  # a reward model
+    judge: Judge | None = None  # a module:function callable
+    normalisation: tuple[float, float] | None = None
+
+    def score(self, prompts: list[str], prompt_ids: list[list[int]], reply_ids: list[list[int]],
+              replies: list[str], finished: list[bool]) -> list[float]:
+        if self.scorer is not None:
+            # The RM reads exactly the tokens the policy produced (reply ids include EOS when it ended).
+            scores = self.scorer.score_ids([p + r for p, r in zip(prompt_ids, reply_ids, strict=True)])
+            if self.normalisation:
+                mean, std = self.normalisation
+                scores = [(s - mean) / max(std, 1e-6) for s in scores]
+            return scores
+        return run_judge(self.judge, self.name, prompts, replies, finished)
+
+
+def load_reward_sources(config: PPOStageConfig, tokenizer: PreTrainedTokenizerBase) -> list[RewardSource]:
+    specs = [(config.reward_model, config.reward_model_weight)] if config.reward_model_weight else []
+    for spec, weight in parse_mapping(config.extra_rewards, "extra_rewards").items():
+        try:
+            specs.append((spec, float(weight)))
+        except ValueError:
+            raise PipelineError(f"--extra_rewards: weight of {spec!r} must be a number, got {weight!r}") from None
+    if not specs:
+        raise PipelineError("no reward source: set reward_model_weight above 0 or name extra_rewards")
+    sources = []
+    for spec, weight in specs:
+        if Path(spec).expanduser().is_dir():
+            check_tokenizers_match(config.policy, tokenizer, spec)
+            norm = RewardScorer.stored_normalisation(spec) if config.normalize_reward else None
+            sources.append(RewardSource(spec, weight, scorer=RewardScorer.load(spec), normalisation=norm))
+        else:
+            sources.append(RewardSource(spec, weight, judge=load_judge(spec)))
+    return sources
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rollouts
+
+
+@dataclass
+class Rollout:
+    """One batch of episodes. Sequences are [left-padded prompt | right-padded reply]; the prompt part is
+    `context` wide, and reply-aligned tensors ([episodes, reply width]) are zero past each reply's end."""
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    context: int
+    reply_mask: torch.Tensor
+    finished: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+    def micro(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+        """The rows' sequences with all-padding columns cut off (cheaper forwards): ids, mask, position
+        ids, the prompt width left and the reply width kept."""
+        reply_width = max(int(self.reply_mask[rows].sum(dim=1).max()), 1)
+        prompt_width = int(self.attention_mask[rows, :self.context].sum(dim=1).max())
+        columns = slice(self.context - prompt_width, self.context + reply_width)
+        ids, mask = self.sequences[rows, columns], self.attention_mask[rows, columns]
+        # Positions count real tokens only, as `generate` counted them under left padding.
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        return ids, mask, positions, prompt_width, reply_width
+
+
+def reply_slice(per_position: torch.Tensor, prompt_width: int, reply_width: int) -> torch.Tensor:
+    """Outputs at the positions that predict reply tokens: the one before each reply token."""
+    return per_position[:, prompt_width - 1: prompt_width - 1 + reply_width]
+
+
+def pad_right(rows: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(rows, (0, width - rows.shape[1]))
+
+
+@torch.no_grad()
+def sample_replies(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[list[int]],
+                   config: PPOStageConfig, device: torch.device) -> Rollout:
+    """Sample one reply per prompt in chunks of generation_batch_size; cut each after its first EOS."""
+    context = max(len(ids) for ids in prompt_ids)
+    chunks = []
+    policy.eval()
+    for start in range(0, len(prompt_ids), config.generation_batch_size):
+        batch = prompt_ids[start:start + config.generation_batch_size]
+        ids = torch.full((len(batch), context), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), context), dtype=torch.long)
+        for row, prompt in enumerate(batch):  # left padding: every reply starts at column `context`
+            ids[row, context - len(prompt):] = torch.tensor(prompt)
+            mask[row, context - len(prompt):] = 1
+        output = policy.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
+                                 temperature=config.temperature, top_k=None, top_p=None,
+                                 max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+        chunks.append(output[:, context:])
+    policy.train()
+    width = max(chunk.shape[1] for chunk in chunks)
+    replies = torch.cat([pad_right(chunk, width) for chunk in chunks])
+    # A reply's length runs to its first EOS inclusive, else to the length limit. Lengths, not a pad-id
+    # test, mark the reply: the model may sample the pad token's id as an ordinary token.
+    is_eos = replies == tokenizer.eos_token_id
+    finished = is_eos.any(dim=1)
+    lengths = torch.where(finished, is_eos.int().argmax(dim=1) + 1, torch.full_like(finished, width, dtype=torch.long))
+    reply_mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()
+    replies = torch.where(reply_mask.bool(), replies, tokenizer.pad_token_id)
+    prompt_mask = torch.zeros((len(prompt_ids), context), dtype=torch.long, device=device)
+    prompt_part = torch.full((len(prompt_ids), context), tokenizer.pad_token_id, dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompt_ids):
+        prompt_part[row, context - len(prompt):] = torch.tensor(prompt, device=device)
+        prompt_mask[row, context - len(prompt):] = 1
+    return Rollout(torch.cat([prompt_part, replies], dim=1), torch.cat([prompt_mask, reply_mask], dim=1), context,
+                   reply_mask.float(), finished)
+
+
+@torch.no_grad()
+def score_rollout(model: PolicyAndCritic, reference: PreTrainedModel | None, rollout: Rollout,
+                  config: PPOStageConfig) -> None:
+    """Fill in the policy's and reference's log-probs and the critic's values, a chunk at a time."""
+    logprobs, ref_logprobs, values = [], [], []
+    width = rollout.reply_mask.shape[1]
+    for start in range(0, len(rollout.sequences), config.generation_batch_size):
+        rows = torch.arange(start, min(start + config.generation_batch_size, len(rollout.sequences)))
+        ids, mask, positions, prompt_width, reply_width = rollout.micro(rows)
+        targets = ids[:, prompt_width:prompt_width + reply_width]
+        logits, value, _ = model(ids, mask, positions)
+        logprobs.append(pad_right(token_logprobs(reply_slice(logits, prompt_width, reply_width) / config.temperature,
+                                                 targets), width))
+        values.append(pad_right(reply_slice(value, prompt_width, reply_width), width))
+        # With LoRA the reference is the same network with its adapter switched off: no second copy.
+        with model.policy.disable_adapter() if reference is None else contextlib.nullcontext():
+            ref_model = model.policy if reference is None else reference
+            ref_logits = ref_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        ref_logprobs.append(pad_right(token_logprobs(reply_slice(ref_logits, prompt_width, reply_width)
+                                                     / config.temperature, targets), width))
+    mask = rollout.reply_mask
+    rollout.logprobs = torch.cat(logprobs) * mask
+    rollout.ref_logprobs = torch.cat(ref_logprobs) * mask
+    rollout.values = torch.cat(values) * mask
+
+
+def reply_token_lists(rollout: Rollout) -> list[list[int]]:
+    lengths = rollout.reply_mask.sum(dim=1).long().tolist()
+    replies = rollout.sequences[:, rollout.context:]
+    return [replies[row, :length].tolist() for row, length in enumerate(lengths)]
+
+
+def score_replies(sources: list[RewardSource], tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                  prompt_ids: list[list[int]], rollout: Rollout, config: PPOStageConfig) -> tuple[torch.Tensor, dict]:
+    """The weighted sum of every source's score per reply (clipped, missing-EOS penalty applied), and each
+    source's mean for the log."""
+    reply_ids = reply_token_lists(rollout)
+    finished = rollout.finished.tolist()
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in reply_ids]
+    total = torch.zeros(len(prompts))
+    logged = {}
+    for source in sources:
+        scores = torch.tensor(source.score(prompts, prompt_ids, reply_ids, texts, finished))
+        total += source.weight * scores
+        logged[f"reward/{source.name}"] = scores.mean().item()
+    if config.reward_clip:
+        total = total.clamp(-config.reward_clip, config.reward_clip)
+    total -= config.missing_eos_penalty * (~rollout.finished.cpu()).float()
+    return total.to(rollout.sequences.device), logged
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Logging and checkpoints
+
+
+class MetricsLog:
+    """Metrics per update to TensorBoard and `metrics.jsonl` (main process only). On resume, log rows from
+    updates after the checkpoint are dropped: those updates run again."""
+
+    def __init__(self, folder: Path, active: bool, resume_update: int):
+        self.active = active
+        self.path = folder / "metrics.jsonl"
+        if not active:
+            return
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["update"] <= resume_update]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.writer = SummaryWriter(str(folder / "tensorboard"), purge_step=resume_update + 1)
+
+    def log(self, update: int, metrics: dict) -> None:
+        if not self.active:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"update": update, **metrics}) + "\n")
+        for key, value in metrics.items():
+            if isinstance(value, int | float):
+                self.writer.add_scalar(key, value, update)
+            elif key == "samples":
+                table = "| prompt | reply | RM | judge |\n|---|---|---|---|\n" + "".join(
+                    f"| {s['prompt']} | {s['reply']} | {s['rm']:.2f} | {s.get('judge', '')} |\n" for s in value)
+                self.writer.add_text("samples", table, update)
+        self.writer.flush()
+
+
+class TrainingProgress:
+    """What `accelerator.save_state` cannot see: the update counter and the KL controller."""
+
+    def __init__(self, kl: KLController):
+        self.update, self.kl = 0, kl
+
+    def state_dict(self) -> dict:
+        return {"update": self.update, "kl_coef": self.kl.coef}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.update, self.kl.coef = state["update"], state["kl_coef"]
+
+
+def resume_point(staging: Path, print_: str) -> Path | None:
+    """The last complete checkpoint of an interrupted run with the same inputs, if there is one."""
+    pointer = staging / "resume" / "latest.json"
+    if not pointer.is_file():
+        return None
+    latest = json.loads(pointer.read_text())
+    folder = staging / "resume" / latest["folder"]
+    return folder if latest["fingerprint"] == print_ and folder.is_dir() else None
+
+
+def save_checkpoint(accelerator: Accelerator, staging: Path, update: int, print_: str) -> None:
+    """Model, optimizer, scheduler, RNG and progress into a new folder; then the pointer moves to it
+    (atomically, by rename), then older folders go. A kill at any moment leaves a usable checkpoint."""
+    folder = staging / "resume" / f"update-{update:06d}"
+    accelerator.save_state(str(folder))
+    if accelerator.is_main_process:
+        temporary = staging / "resume" / "latest.json.tmp"
+        temporary.write_text(json.dumps({"folder": folder.name, "fingerprint": print_, "update": update}))
+        os.replace(temporary, staging / "resume" / "latest.json")
+        for old in (staging / "resume").glob("update-*"):
+            if old != folder:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(model: PolicyAndCritic, reference, tokenizer, sources: list[RewardSource], judge: Judge | None,
+             prompts: list[str], prompt_ids: list[list[int]], config: PPOStageConfig, device) -> dict:
+    """Held-out prompts, a fixed sampling seed: RM score, judge score, sequence KL to the reference, length."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        rollout = sample_replies(model.policy, tokenizer, prompt_ids, config, device)
+    score_rollout(model, reference, rollout, config)
+    reply_ids = reply_token_lists(rollout)
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in reply_ids]
+    finished = rollout.finished.tolist()
+    rm = sources[0].score(prompts, prompt_ids, reply_ids, texts, finished)
+    metrics = {
+        "eval/rm_score": statistics.fmean(rm),
+        "eval/kl": (rollout.logprobs - rollout.ref_logprobs).sum(dim=1).mean().item(),
+        "eval/length": rollout.reply_mask.sum(dim=1).mean().item(),
+        "eval/eos_rate": rollout.finished.float().mean().item(),
+    }
+    samples = [{"prompt": p, "reply": t, "rm": s} for p, t, s in zip(prompts[:4], texts, rm, strict=False)]
+    if judge is not None:
+        gold = run_judge(judge, config.judge, prompts, texts, finished)
+        metrics["eval/judge_score"] = statistics.fmean(gold)
+        for sample, score in zip(samples, gold, strict=False):
+            sample["judge"] = round(score, 3)
+    return {**metrics, "samples": samples}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PPO-ptx data
+
+
+def ptx_batches(config: PPOStageConfig, tokenizer: PreTrainedTokenizerBase, seed: int):
+    """Endless micro-batches of SFT examples with labels on the assistant's tokens only (-100 elsewhere)."""
+    limit = config.max_prompt_length + config.max_new_tokens
+    encoded = []
+    for messages in load_chat_examples(config.ptx_data):
+        item = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                             return_assistant_tokens_mask=True)
+        ids, keep = item["input_ids"][:limit], item["assistant_masks"][:limit]
+        if any(keep):
+            encoded.append((ids, [t if k else -100 for t, k in zip(ids, keep, strict=True)]))
+    if not encoded:
+        raise PipelineError(f"{config.ptx_data}: no example has assistant tokens within {limit} tokens; PPO-ptx "
+                            "needs a chat template with {% generation %} markers and assistant replies")
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(encoded), generator=generator)[:config.micro_batch_size].tolist()
+        batch = [encoded[i] for i in order]
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (tokens, label) in enumerate(batch):
+            ids[row, :len(tokens)], labels[row, :len(tokens)] = torch.tensor(tokens), torch.tensor(label)
+            mask[row, :len(tokens)] = 1
+        yield ids, mask, labels
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def validate(config: PPOStageConfig) -> None:
+    if config.kl_estimator not in ("k1", "k3"):
+        raise PipelineError(f"kl_estimator must be k1 or k3, got {config.kl_estimator!r}")
+    if config.temperature <= 0:
+        raise PipelineError(f"temperature must be above 0 (log-probs divide by it), got {config.temperature}")
+    if config.ptx_coef and not config.ptx_data:
+        raise PipelineError("ptx_coef > 0 needs ptx_data: the SFT data to keep fitting (e.g. the SFT train file)")
+    if config.use_lora and config.trainable_layers:
+        raise PipelineError("use_lora and trainable_layers are two ways to train fewer weights; choose one")
+
+
+def load_prompt_split(config: PPOStageConfig, tokenizer) -> tuple[list[str], list[list[int]], list[str], list]:
+    """Training prompts and the held-out evaluation prompts (the file's last num_eval_prompts), tokenized
+    through the chat template, with one error for every prompt over max_prompt_length."""
+    prompts = load_prompts(config.prompts, config.prompt_column)
+    if len(prompts) <= config.num_eval_prompts:
+        raise PipelineError(f"{config.prompts}: {len(prompts)} prompts, but {config.num_eval_prompts} are held out for "
+                            "evaluation and the rest train; add prompts or lower num_eval_prompts")
+    ids = [prompt_input_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    too_long = [row for row, prompt in enumerate(ids, start=1) if len(prompt) > config.max_prompt_length]
+    if too_long:
+        raise PipelineError(f"{config.prompts}: {len(too_long)} prompt(s) longer than max_prompt_length "
+                            f"{config.max_prompt_length} tokens with the chat template (rows "
+                            f"{', '.join(map(str, too_long[:5]))}{' ...' if len(too_long) > 5 else ''}); "
+                            "shorten them or raise max_prompt_length")
+    split = len(prompts) - config.num_eval_prompts
+    return prompts[:split], ids[:split], prompts[split:], ids[split:]
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(PPOStageConfig, "ppo", argv)
+    inputs = {"policy": describe_parent(config.policy), "reward_model": describe_parent(config.reward_model),
+              "prompts": describe_input(config.prompts)}
+    if config.critic:
+        inputs["critic"] = describe_parent(config.critic)
+    if config.ptx_data:
+        inputs["ptx_data"] = describe_input(config.ptx_data)
+    print_ = fingerprint(config, inputs)
+    if not config.force and up_to_date(config.output_dir, print_):
+        print(f"ppo: {config.output_dir} is up to date (inputs unchanged); pass --force true to train again")
+        return
+
+    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(choose_precision(config.precision),
+                                                                 choose_precision(config.precision)))
+    processes, device = accelerator.num_processes, accelerator.device
+    main_process = accelerator.is_main_process
+    local_rollout, local_mini = config.rollout_batch_size // processes, config.mini_batch_size // processes
+    if (config.rollout_batch_size % config.mini_batch_size or config.mini_batch_size % processes
+            or local_mini % config.micro_batch_size):
+        raise PipelineError(f"rollout_batch_size ({config.rollout_batch_size}) must be a multiple of mini_batch_size "
+                            f"({config.mini_batch_size}), which must be a multiple of processes ({processes}) x "
+                            f"micro_batch_size ({config.micro_batch_size})")
+    accelerator.gradient_accumulation_steps = local_mini // config.micro_batch_size
+
+    # Validate everything before any work or any output.
+    validate(config)
+    tokenizer = load_tokenizer(config.policy)
+    if config.critic:
+        check_tokenizers_match(config.policy, tokenizer, config.critic)
+    train_prompts, train_ids, eval_prompts, eval_ids = load_prompt_split(config, tokenizer)
+    if len(train_prompts) < config.rollout_batch_size:
+        raise PipelineError(f"{config.prompts}: {len(train_prompts)} training prompts, fewer than one rollout batch "
+                            f"({config.rollout_batch_size}); add prompts or lower rollout_batch_size")
+    sources = load_reward_sources(config, tokenizer)
+    judge = load_judge(config.judge) if config.judge else None
+    ptx = ptx_batches(config, tokenizer, config.seed + accelerator.process_index) if config.ptx_coef else None
+    if ptx is not None:
+        next(ptx)  # reads and checks the SFT data now, not at the first update
+
+    output = StagedOutput(config.output_dir, "ppo")
+    resume_from = resume_point(output.staging, print_) if output.staging.is_dir() else None
+    if main_process:
+        output.open(keep=resume_from is not None)
+    accelerator.wait_for_everyone()
+    staging = output.staging
+
+    set_seed(config.seed)
+    policy, critic, reference = build_models(config, tokenizer)
+    if reference is not None:
+        reference.to(device)
+    for source in sources:
+        if source.scorer is not None:
+            source.scorer.model.to(device).requires_grad_(False)
+            disable_dropout(source.scorer.model)
+    model = PolicyAndCritic(policy, critic)
+    # Two learning rates, one optimizer: the critic starts from the RM and can often move faster.
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in policy.parameters() if p.requires_grad]},
+         {"params": [p for p in critic.parameters() if p.requires_grad],
+          "lr": config.critic_learning_rate or config.learning_rate}],
+        lr=config.learning_rate, eps=config.adam_eps, weight_decay=0.0)
+    steps = config.num_updates * config.ppo_epochs * (config.rollout_batch_size // config.mini_batch_size)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    kl = KLController(config.kl_coef, config.target_kl, config.kl_horizon)
+    progress = TrainingProgress(kl)
+    accelerator.register_for_checkpointing(scheduler, progress)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        accelerator.print(f"ppo: resuming from {resume_from} (update {progress.update} of {config.num_updates})")
+    unwrapped: PolicyAndCritic = accelerator.unwrap_model(model)
+    log = MetricsLog(staging, main_process, progress.update)
+
+    accelerator.print(f"ppo: {len(train_prompts)} training / {len(eval_prompts)} eval prompts, {config.num_updates} "
+                      f"updates of {config.rollout_batch_size} episodes, {processes} process(es); "
+                      f"{config.policy} -> {config.output_dir}")
+    eval_initial = None
+    if progress.update == 0:
+        eval_initial = evaluate(unwrapped, reference, tokenizer, sources, judge, eval_prompts, eval_ids, config, device)
+        log.log(0, eval_initial)
+    rank_rows = slice(accelerator.process_index * local_rollout, (accelerator.process_index + 1) * local_rollout)
+    started, episodes_done = time.time(), 0
+    bar = tqdm(range(progress.update, config.num_updates), initial=progress.update, total=config.num_updates,
+               desc="ppo", unit="update", disable=not main_process)
+    for update in bar:
+        tick = time.time()
+        # Episode e of the run is prompt order[e % n] of epoch e // n, each epoch a fresh shuffle: the
+        # batch of any update follows from its number, so a resumed run sees the same prompts.
+        first = update * config.rollout_batch_size
+        batch_index = []
+        for episode in range(first, first + config.rollout_batch_size):
+            epoch, position = divmod(episode, len(train_prompts))
+            order = torch.randperm(len(train_prompts), generator=torch.Generator().manual_seed(config.seed + epoch))
+            batch_index.append(int(order[position]))
+        batch_index = batch_index[rank_rows]
+        prompts, prompt_ids = [train_prompts[i] for i in batch_index], [train_ids[i] for i in batch_index]
+
+        # 1. Rollout.
+        with gathered_for_generation(accelerator, model):
+            rollout = sample_replies(unwrapped.policy, tokenizer, prompt_ids, config, device)
+        score_rollout(unwrapped, reference, rollout, config)
+        # 2. Rewards.
+        scores, source_means = score_replies(sources, tokenizer, prompts, prompt_ids, rollout, config)
+        mask = rollout.reply_mask
+        token_kl = kl_estimate(rollout.logprobs, rollout.ref_logprobs, config.kl_estimator) * mask
+        rewards = token_rewards(scores, token_kl, mask, kl.coef)
+        if config.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        # 3. Advantages.
+        advantages, returns = generalized_advantages(rewards, rollout.values, mask, config.gamma, config.lam)
+        advantages = masked_whiten(advantages, mask)
+        rollout_seconds = time.time() - tick
+
+        # 4. Learn.
+        stats: dict[str, list[float]] = {}
+        for _ in range(config.ppo_epochs):
+            permutation = torch.randperm(local_rollout)
+            for mini_start in range(0, local_rollout, local_mini):
+                for micro_start in range(mini_start, mini_start + local_mini, config.micro_batch_size):
+                    rows = permutation[micro_start:micro_start + config.micro_batch_size]
+                    with accelerator.accumulate(model):
+                        ids, attention, positions, prompt_width, width = rollout.micro(rows)
+                        ptx_ids = ptx_mask = ptx_labels = None
+                        if ptx is not None:
+                            ptx_ids, ptx_mask, ptx_labels = (t.to(device) for t in next(ptx))
+                        logits, values, ptx_logits = model(ids, attention, positions, ptx_ids, ptx_mask)
+                        logprobs = token_logprobs(reply_slice(logits, prompt_width, width) / config.temperature,
+                                                  ids[:, prompt_width:prompt_width + width])
+                        policy_loss, value_loss, step_stats = ppo_losses(
+                            logprobs, rollout.logprobs[rows, :width], advantages[rows, :width],
+                            reply_slice(values, prompt_width, width), rollout.values[rows, :width],
+                            returns[rows, :width], mask[rows, :width], config.cliprange, config.cliprange_value)
+                        loss = policy_loss + config.vf_coef * value_loss
+                        if ptx_logits is not None:
+                            ptx_loss = torch.nn.functional.cross_entropy(
+                                ptx_logits[:, :-1].flatten(0, 1).float(), ptx_labels[:, 1:].flatten())
+                            loss = loss + config.ptx_coef * ptx_loss
+                            step_stats["loss/ptx"] = ptx_loss.item()
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad()
+                        if accelerator.sync_gradients:
+                            scheduler.step()
+                    with torch.no_grad():
+                        scaled = reply_slice(logits, prompt_width, width).float() / config.temperature
+                        probabilities = torch.softmax(scaled, dim=-1)
+                        entropy = -(probabilities * torch.log(probabilities.clamp(min=1e-12))).sum(-1)
+                    step_stats.update({"loss/policy": policy_loss.item(), "loss/value": value_loss.item(),
+                                       "policy/entropy": masked_mean(entropy, mask[rows, :width]).item()})
+                    for key, value in step_stats.items():
+                        stats.setdefault(key, []).append(value)
+
+        # Metrics of this update, averaged over processes.
+        sequence_kl = token_kl.sum(dim=1).mean().item()
+        local = {
+            "reward/score": scores.mean().item(),
+            **source_means,
+            "objective/kl": sequence_kl,
+            "objective/non_score_reward": (-kl.coef * token_kl).sum(dim=1).mean().item(),
+            "objective/rlhf_reward": (scores - kl.coef * token_kl.sum(dim=1)).mean().item(),
+            "reply/length": mask.sum(dim=1).mean().item(),
+            "reply/eos_rate": rollout.finished.float().mean().item(),
+            "value/mean": masked_mean(rollout.values, mask).item(),
+            **{key: statistics.fmean(values) for key, values in stats.items()},
+        }
+        gathered = accelerator.reduce(torch.tensor(list(local.values()), device=device), reduction="mean").tolist()
+        metrics = dict(zip(local, gathered, strict=True))
+        kl.update(metrics["objective/kl"], config.rollout_batch_size)
+        episodes_done += config.rollout_batch_size
+        metrics.update({"kl_coef": kl.coef, "lr": scheduler.get_last_lr()[0],
+                        "episodes": first + config.rollout_batch_size,
+                        "time/rollout": rollout_seconds, "time/update": time.time() - tick,
+                        "episodes_per_second": config.rollout_batch_size / (time.time() - tick)})
+        progress.update = update + 1
+        if progress.update % config.eval_every == 0 or progress.update == config.num_updates:
+            metrics.update(evaluate(unwrapped, reference, tokenizer, sources, judge, eval_prompts, eval_ids, config,
+                                    device))
+        log.log(progress.update, metrics)
+        bar.set_postfix(reward=f"{metrics['reward/score']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+        if config.save_every and progress.update % config.save_every == 0 and progress.update < config.num_updates:
+            save_checkpoint(accelerator, staging, progress.update, print_)
+        if not all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)):
+            raise PipelineError(f"non-finite metrics at update {progress.update} (loss or reward diverged); lower "
+                                "learning_rate or check the reward sources; the last checkpoint is kept")
+
+    save_final(accelerator, model, tokenizer, config, staging)
+    if main_process:
+        final_eval = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+        seconds = time.time() - started
+        summary = {
+            **{k.replace("eval/", "final_"): v for k, v in final_eval.items()},
+            **({k.replace("eval/", "initial_"): v for k, v in eval_initial.items() if k.startswith("eval/")}
+               if eval_initial else {}),
+            "updates": progress.update,
+            "episodes": progress.update * config.rollout_batch_size,
+            "train_seconds": seconds,
+            "episodes_per_second": episodes_done / seconds if seconds else 0.0,
+            "kl_coef": kl.coef,
+            "samples": metrics.get("samples", []),
+        }
+        shutil.rmtree(staging / "resume", ignore_errors=True)
+        final = output.commit(config, inputs, summary, print_)
+        line = f"ppo: {progress.update} updates; held-out RM score "
+        if eval_initial:
+            line += f"{eval_initial['eval/rm_score']:.3f} -> "
+        line += f"{final_eval['eval/rm_score']:.3f}"
+        if "eval/judge_score" in final_eval:
+            line += f", judge {eval_initial['eval/judge_score']:.3f} -> " if eval_initial else ", judge "
+            line += f"{final_eval['eval/judge_score']:.3f}"
+        print(f"{line}; KL {final_eval['eval/kl']:.3f}, length {final_eval['eval/length']:.1f}; wrote {final}")
+    accelerator.wait_for_everyone()
+
+
+def gathered_for_generation(accelerator: Accelerator, model: torch.nn.Module):
+    """Under DeepSpeed ZeRO-3 each process holds a shard of the weights; generation needs them whole."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.zero_stage == 3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(model.parameters()))
+    return contextlib.nullcontext()
+
+
+def save_final(accelerator: Accelerator, model, tokenizer, config: PPOStageConfig, staging: Path) -> None:
+    """The policy at the folder's root and the critic in `value/`, each a plain transformers checkpoint
+    (LoRA merged unless merge: false). The full state dict is gathered first (ZeRO-3 shards it)."""
+    state = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(model)
+    parts = (("policy", staging, config.use_lora), ("critic", staging / "value", config.critic_use_lora))
+    for name, folder, lora in parts:
+        network = getattr(unwrapped, name)
+        weights = {key[len(name) + 1:]: value for key, value in state.items() if key.startswith(f"{name}.")}
+        if lora and config.merge:
+            network.load_state_dict(weights)
+            network.merge_and_unload().save_pretrained(folder)
+        else:
+            network.save_pretrained(folder, state_dict=weights)
+        tokenizer.save_pretrained(folder)
