@@ -1,9 +1,10 @@
 # The table of contents of the project: each stage is a target, and targets chain through checkpoints.
-#   make all        set up, then base -> data -> sft -> prefs -> rm on the embedded default
+#   make all        set up, then base -> data -> sft -> prefs -> rm -> ppo on the embedded default
 #   make sft        stage 1: supervised fine-tuning             (SFT_DATA=, BASE_MODEL= for your own)
 #   make prefs      sample K replies per prompt, a labeller ranks them
 #   make rm         stage 2: reward model on the preferences    (PREFS= for your own preference file)
-#   make score      score DATA=replies.jsonl (or pairs) with the reward model (RM= for another one)
+#   make ppo        stage 3: PPO against the reward model       (PROMPTS= for your own prompt file)
+#   make score      score DATA=replies.jsonl (or pairs) with the reward model (REWARD_MODEL= another)
 #   make prefs-export / prefs-import   human labelling: ANNOTATE=file.csv|.jsonl out to annotators and back
 #   make test       the test suite (what .ci/run calls)
 # Every target takes CONFIG=configs/<name>.yaml and RUN=runs/<name>; ARGS="--option value" goes to the
@@ -20,25 +21,29 @@ SETUP_STAMP := $(VENV)/.setup-done
 
 # User inputs replace the embedded ones; the stages they replace are then not built.
 BASE_MODEL ?=
-SFT_DATA ?=
+SFT_PROMPTS ?=
+PPO_PROMPTS := $(or $(PROMPTS),$(RUN)/data/prompts_ppo.jsonl)
+DATA ?=
 SFT_MODEL := $(or $(BASE_MODEL),$(RUN)/base)
 SFT_TRAIN := $(or $(SFT_DATA),$(RUN)/data/sft_train.jsonl)
 SFT_EVAL := $(if $(SFT_DATA),,$(RUN)/data/sft_eval.jsonl)
 PREFS ?=
 RM_DATA := $(or $(PREFS),$(RUN)/prefs/ranked.jsonl)
-RM ?= $(RUN)/rm
+REWARD_MODEL ?= $(RUN)/rm
+PROMPTS ?=
+PPO_PROMPTS := $(or $(PROMPTS),$(RUN)/data/prompts_ppo.jsonl)
 DATA ?=
 ANNOTATE ?= $(RUN)/to_rank.csv
 
 # ARGS reach only the stage the user named: `make rm ARGS="--learning_rate 1e-5"` must not retrain SFT.
 args_for = $(if $(filter $(1),$(MAKECMDGOALS)),$(ARGS))
 
-.PHONY: all setup base data sft prefs rm score prefs-export prefs-import test lint clean help
+.PHONY: all setup base data sft prefs rm ppo score prefs-export prefs-import test lint clean help
 
-all: rm
+all: ppo
 
 help:
-	@sed -n '1,12p' Makefile
+	@sed -n '1,13p' Makefile
 
 setup: $(SETUP_STAMP)
 
@@ -70,8 +75,12 @@ rm: sft $(if $(PREFS),,prefs)
 	$(PY) -m reward_model --config $(CONFIG) --model $(RUN)/sft --data $(RM_DATA) --output_dir $(RUN)/rm \
 		$(call args_for,rm)
 
+ppo: rm
+	$(PY) -m ppo --config $(CONFIG) --policy $(RUN)/sft --reward_model $(REWARD_MODEL) --prompts $(PPO_PROMPTS) \
+		--output_dir $(RUN)/ppo $(call args_for,ppo)
+
 score: setup
-	$(PY) -m reward_model.score --model $(RM) --data "$(DATA)" $(call args_for,score)
+	$(PY) -m reward_model.score --model $(REWARD_MODEL) --data "$(DATA)" $(call args_for,score)
 
 prefs-export: prefs
 	$(PY) -m data.annotate --action export --candidates $(RUN)/prefs/candidates.jsonl --file $(ANNOTATE)

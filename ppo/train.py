@@ -41,7 +41,14 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler, set_seed
 
-from common.checkpoint import StagedOutput, describe_input, describe_parent, fingerprint, up_to_date
+from common.checkpoint import (
+    StagedOutput,
+    describe_input,
+    describe_parent,
+    fingerprint,
+    require_checkpoint,
+    up_to_date,
+)
 from common.config import parse_config, parse_mapping
 from common.errors import PipelineError
 from common.modeling import (
@@ -146,6 +153,12 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return -(log_probs.exp() * log_probs).sum(dim=-1)
+
+
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
     """Per-token KL(pi || pi_ref) estimates from samples of pi (Schulman, "Approximating KL divergence"):
     k1 = log(pi/pi_ref), unbiased but can be negative; k3 = (r - 1) - log r with r = pi_ref/pi, unbiased,
@@ -221,24 +234,31 @@ class KLController:
 # Models
 
 
+def reply_logits(policy: PreTrainedModel, input_ids, attention_mask, position_ids, reply_width: int) -> torch.Tensor:
+    """Logits at the positions that predict the reply's tokens (the one before each; the reply fills the
+    last `reply_width` columns). `logits_to_keep` skips the LM head over the prompt: with a 49k-token
+    vocabulary that head is a large share of a small model's compute."""
+    return policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                  logits_to_keep=reply_width + 1).logits[:, :-1]
+
+
 class PolicyAndCritic(torch.nn.Module):
     """Policy and critic as one module with one optimizer: what `accelerate` (DDP, DeepSpeed) prepares as a
-    unit. A forward pass returns the policy's logits, the critic's value at every position and, for
-    PPO-ptx, the policy's logits on an SFT batch."""
+    unit. A forward pass returns the policy's logits and the critic's values at the positions that predict
+    the reply's tokens and, for PPO-ptx, the policy's logits on an SFT batch."""
 
     def __init__(self, policy: PreTrainedModel, critic: PreTrainedModel):
         super().__init__()
         self.policy, self.critic = policy, critic
 
-    def forward(self, input_ids, attention_mask, position_ids, ptx_ids=None, ptx_mask=None):
-        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False).logits
-        # The critic is a sequence classifier; its score head applied to every position's hidden state
+    def forward(self, input_ids, attention_mask, position_ids, reply_width: int, ptx_ids=None, ptx_mask=None):
+        logits = reply_logits(self.policy, input_ids, attention_mask, position_ids, reply_width)
+        # The critic is a sequence classifier; its score head applied to each position's hidden state
         # gives a value per token (the classifier itself only reads the last one).
         critic = self.critic.get_base_model() if isinstance(self.critic, PeftModel) else self.critic
         hidden = getattr(critic, critic.base_model_prefix)(input_ids=input_ids, attention_mask=attention_mask,
                                                            position_ids=position_ids, use_cache=False)
-        values = critic.score(hidden.last_hidden_state).squeeze(-1).float()
+        values = critic.score(hidden.last_hidden_state[:, -reply_width - 1:-1]).squeeze(-1).float()
         ptx_logits = None
         if ptx_ids is not None:
             ptx_logits = self.policy(input_ids=ptx_ids, attention_mask=ptx_mask, use_cache=False).logits
@@ -310,7 +330,7 @@ class RewardSource:
 
 
 def load_reward_sources(config: PPOStageConfig, tokenizer: PreTrainedTokenizerBase) -> list[RewardSource]:
-    specs = [(config.reward_model, config.reward_model_weight)] if config.reward_model_weight else []
+    specs = [("rm", config.reward_model_weight)] if config.reward_model_weight else []
     for spec, weight in parse_mapping(config.extra_rewards, "extra_rewards").items():
         try:
             specs.append((spec, float(weight)))
@@ -319,13 +339,14 @@ def load_reward_sources(config: PPOStageConfig, tokenizer: PreTrainedTokenizerBa
     if not specs:
         raise PipelineError("no reward source: set reward_model_weight above 0 or name extra_rewards")
     sources = []
-    for spec, weight in specs:
-        if Path(spec).expanduser().is_dir():
+    for name, weight in specs:
+        spec = config.reward_model if name == "rm" else name
+        if name == "rm" or Path(spec).expanduser().is_dir():
             check_tokenizers_match(config.policy, tokenizer, spec)
             norm = RewardScorer.stored_normalisation(spec) if config.normalize_reward else None
-            sources.append(RewardSource(spec, weight, scorer=RewardScorer.load(spec), normalisation=norm))
+            sources.append(RewardSource(name, weight, scorer=RewardScorer.load(spec), normalisation=norm))
         else:
-            sources.append(RewardSource(spec, weight, judge=load_judge(spec)))
+            sources.append(RewardSource(name, weight, judge=load_judge(spec)))
     return sources
 
 
@@ -345,22 +366,18 @@ class Rollout:
     logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
 
-    def micro(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    def micro(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """The rows' sequences with all-padding columns cut off (cheaper forwards): ids, mask, position
-        ids, the prompt width left and the reply width kept."""
+        ids and the reply width kept (the reply fills the last columns)."""
         reply_width = max(int(self.reply_mask[rows].sum(dim=1).max()), 1)
         prompt_width = int(self.attention_mask[rows, :self.context].sum(dim=1).max())
         columns = slice(self.context - prompt_width, self.context + reply_width)
         ids, mask = self.sequences[rows, columns], self.attention_mask[rows, columns]
         # Positions count real tokens only, as `generate` counted them under left padding.
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        return ids, mask, positions, prompt_width, reply_width
-
-
-def reply_slice(per_position: torch.Tensor, prompt_width: int, reply_width: int) -> torch.Tensor:
-    """Outputs at the positions that predict reply tokens: the one before each reply token."""
-    return per_position[:, prompt_width - 1: prompt_width - 1 + reply_width]
+        return ids, mask, positions, reply_width
 
 
 def pad_right(rows: torch.Tensor, width: int) -> torch.Tensor:
@@ -409,26 +426,26 @@ def sample_replies(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 def score_rollout(model: PolicyAndCritic, reference: PreTrainedModel | None, rollout: Rollout,
                   config: PPOStageConfig) -> None:
     """Fill in the policy's and reference's log-probs and the critic's values, a chunk at a time."""
-    logprobs, ref_logprobs, values = [], [], []
+    logprobs, ref_logprobs, values, entropy = [], [], [], []
     width = rollout.reply_mask.shape[1]
     for start in range(0, len(rollout.sequences), config.generation_batch_size):
         rows = torch.arange(start, min(start + config.generation_batch_size, len(rollout.sequences)))
-        ids, mask, positions, prompt_width, reply_width = rollout.micro(rows)
-        targets = ids[:, prompt_width:prompt_width + reply_width]
-        logits, value, _ = model(ids, mask, positions)
-        logprobs.append(pad_right(token_logprobs(reply_slice(logits, prompt_width, reply_width) / config.temperature,
-                                                 targets), width))
-        values.append(pad_right(reply_slice(value, prompt_width, reply_width), width))
+        ids, mask, positions, reply_width = rollout.micro(rows)
+        targets = ids[:, -reply_width:]
+        logits, value, _ = model(ids, mask, positions, reply_width)
+        logprobs.append(pad_right(token_logprobs(logits / config.temperature, targets), width))
+        entropy.append(pad_right(token_entropy(logits / config.temperature), width))
+        values.append(pad_right(value, width))
         # With LoRA the reference is the same network with its adapter switched off: no second copy.
         with model.policy.disable_adapter() if reference is None else contextlib.nullcontext():
-            ref_model = model.policy if reference is None else reference
-            ref_logits = ref_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-        ref_logprobs.append(pad_right(token_logprobs(reply_slice(ref_logits, prompt_width, reply_width)
-                                                     / config.temperature, targets), width))
+            ref_logits = reply_logits(model.policy if reference is None else reference, ids, mask, positions,
+                                      reply_width)
+        ref_logprobs.append(pad_right(token_logprobs(ref_logits / config.temperature, targets), width))
     mask = rollout.reply_mask
     rollout.logprobs = torch.cat(logprobs) * mask
     rollout.ref_logprobs = torch.cat(ref_logprobs) * mask
     rollout.values = torch.cat(values) * mask
+    rollout.entropy = torch.cat(entropy) * mask
 
 
 def reply_token_lists(rollout: Rollout) -> list[list[int]]:
@@ -438,22 +455,22 @@ def reply_token_lists(rollout: Rollout) -> list[list[int]]:
 
 
 def score_replies(sources: list[RewardSource], tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-                  prompt_ids: list[list[int]], rollout: Rollout, config: PPOStageConfig) -> tuple[torch.Tensor, dict]:
-    """The weighted sum of every source's score per reply (clipped, missing-EOS penalty applied), and each
-    source's mean for the log."""
+                  prompt_ids: list[list[int]], rollout: Rollout,
+                  config: PPOStageConfig) -> tuple[torch.Tensor, dict[str, list[float]], list[str]]:
+    """The weighted sum of every source's score per reply (clipped, missing-EOS penalty applied), each
+    source's scores (for the log) and the replies' texts."""
     reply_ids = reply_token_lists(rollout)
     finished = rollout.finished.tolist()
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in reply_ids]
     total = torch.zeros(len(prompts))
-    logged = {}
+    per_source = {}
     for source in sources:
-        scores = torch.tensor(source.score(prompts, prompt_ids, reply_ids, texts, finished))
-        total += source.weight * scores
-        logged[f"reward/{source.name}"] = scores.mean().item()
+        per_source[source.name] = source.score(prompts, prompt_ids, reply_ids, texts, finished)
+        total += source.weight * torch.tensor(per_source[source.name])
     if config.reward_clip:
         total = total.clamp(-config.reward_clip, config.reward_clip)
     total -= config.missing_eos_penalty * (~rollout.finished.cpu()).float()
-    return total.to(rollout.sequences.device), logged
+    return total.to(rollout.sequences.device), per_source, texts
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -483,8 +500,8 @@ class MetricsLog:
             if isinstance(value, int | float):
                 self.writer.add_scalar(key, value, update)
             elif key == "samples":
-                table = "| prompt | reply | RM | judge |\n|---|---|---|---|\n" + "".join(
-                    f"| {s['prompt']} | {s['reply']} | {s['rm']:.2f} | {s.get('judge', '')} |\n" for s in value)
+                table = "| prompt | reply | reward | judge |\n|---|---|---|---|\n" + "".join(
+                    f"| {s['prompt']} | {s['reply']} | {s['reward']} | {s.get('judge', '')} |\n" for s in value)
                 self.writer.add_text("samples", table, update)
         self.writer.flush()
 
@@ -534,24 +551,24 @@ def save_checkpoint(accelerator: Accelerator, staging: Path, update: int, print_
 @torch.no_grad()
 def evaluate(model: PolicyAndCritic, reference, tokenizer, sources: list[RewardSource], judge: Judge | None,
              prompts: list[str], prompt_ids: list[list[int]], config: PPOStageConfig, device) -> dict:
-    """Held-out prompts, a fixed sampling seed: RM score, judge score, sequence KL to the reference, length."""
+    """Held-out prompts, a fixed sampling seed: the reward (and each source), the judge's score, sequence KL
+    to the reference, length, EOS rate, and a few samples."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)
         rollout = sample_replies(model.policy, tokenizer, prompt_ids, config, device)
     score_rollout(model, reference, rollout, config)
-    reply_ids = reply_token_lists(rollout)
-    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in reply_ids]
-    finished = rollout.finished.tolist()
-    rm = sources[0].score(prompts, prompt_ids, reply_ids, texts, finished)
+    scores, per_source, texts = score_replies(sources, tokenizer, prompts, prompt_ids, rollout, config)
     metrics = {
-        "eval/rm_score": statistics.fmean(rm),
+        "eval/reward": scores.mean().item(),
+        **{f"eval/reward_{name}": statistics.fmean(values) for name, values in per_source.items()},
         "eval/kl": (rollout.logprobs - rollout.ref_logprobs).sum(dim=1).mean().item(),
         "eval/length": rollout.reply_mask.sum(dim=1).mean().item(),
         "eval/eos_rate": rollout.finished.float().mean().item(),
     }
-    samples = [{"prompt": p, "reply": t, "rm": s} for p, t, s in zip(prompts[:4], texts, rm, strict=False)]
+    samples = [{"prompt": p, "reply": t, "reward": round(s, 3)}
+               for p, t, s in zip(prompts[:4], texts, scores.tolist(), strict=False)]
     if judge is not None:
-        gold = run_judge(judge, config.judge, prompts, texts, finished)
+        gold = run_judge(judge, config.judge, prompts, texts, rollout.finished.tolist())
         metrics["eval/judge_score"] = statistics.fmean(gold)
         for sample, score in zip(samples, gold, strict=False):
             sample["judge"] = round(score, 3)
@@ -649,6 +666,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # Validate everything before any work or any output.
     validate(config)
+    require_checkpoint(config.policy, "policy", "run `make sft` or pass --policy <checkpoint>")
+    require_checkpoint(config.reward_model, "reward model", "run `make rm` or pass REWARD_MODEL=<folder>")
     tokenizer = load_tokenizer(config.policy)
     if config.critic:
         check_tokenizers_match(config.policy, tokenizer, config.critic)
@@ -725,7 +744,7 @@ def main(argv: list[str] | None = None) -> None:
             rollout = sample_replies(unwrapped.policy, tokenizer, prompt_ids, config, device)
         score_rollout(unwrapped, reference, rollout, config)
         # 2. Rewards.
-        scores, source_means = score_replies(sources, tokenizer, prompts, prompt_ids, rollout, config)
+        scores, per_source, _ = score_replies(sources, tokenizer, prompts, prompt_ids, rollout, config)
         mask = rollout.reply_mask
         token_kl = kl_estimate(rollout.logprobs, rollout.ref_logprobs, config.kl_estimator) * mask
         rewards = token_rewards(scores, token_kl, mask, kl.coef)
@@ -744,16 +763,15 @@ def main(argv: list[str] | None = None) -> None:
                 for micro_start in range(mini_start, mini_start + local_mini, config.micro_batch_size):
                     rows = permutation[micro_start:micro_start + config.micro_batch_size]
                     with accelerator.accumulate(model):
-                        ids, attention, positions, prompt_width, width = rollout.micro(rows)
+                        ids, attention, positions, width = rollout.micro(rows)
                         ptx_ids = ptx_mask = ptx_labels = None
                         if ptx is not None:
                             ptx_ids, ptx_mask, ptx_labels = (t.to(device) for t in next(ptx))
-                        logits, values, ptx_logits = model(ids, attention, positions, ptx_ids, ptx_mask)
-                        logprobs = token_logprobs(reply_slice(logits, prompt_width, width) / config.temperature,
-                                                  ids[:, prompt_width:prompt_width + width])
+                        logits, values, ptx_logits = model(ids, attention, positions, width, ptx_ids, ptx_mask)
+                        logprobs = token_logprobs(logits / config.temperature, ids[:, -width:])
                         policy_loss, value_loss, step_stats = ppo_losses(
                             logprobs, rollout.logprobs[rows, :width], advantages[rows, :width],
-                            reply_slice(values, prompt_width, width), rollout.values[rows, :width],
+                            values, rollout.values[rows, :width],
                             returns[rows, :width], mask[rows, :width], config.cliprange, config.cliprange_value)
                         loss = policy_loss + config.vf_coef * value_loss
                         if ptx_logits is not None:
@@ -768,12 +786,7 @@ def main(argv: list[str] | None = None) -> None:
                         optimizer.zero_grad()
                         if accelerator.sync_gradients:
                             scheduler.step()
-                    with torch.no_grad():
-                        scaled = reply_slice(logits, prompt_width, width).float() / config.temperature
-                        probabilities = torch.softmax(scaled, dim=-1)
-                        entropy = -(probabilities * torch.log(probabilities.clamp(min=1e-12))).sum(-1)
-                    step_stats.update({"loss/policy": policy_loss.item(), "loss/value": value_loss.item(),
-                                       "policy/entropy": masked_mean(entropy, mask[rows, :width]).item()})
+                    step_stats.update({"loss/policy": policy_loss.item(), "loss/value": value_loss.item()})
                     for key, value in step_stats.items():
                         stats.setdefault(key, []).append(value)
 
@@ -781,13 +794,14 @@ def main(argv: list[str] | None = None) -> None:
         sequence_kl = token_kl.sum(dim=1).mean().item()
         local = {
             "reward/score": scores.mean().item(),
-            **source_means,
+            **{f"reward/{name}": statistics.fmean(values) for name, values in per_source.items()},
             "objective/kl": sequence_kl,
             "objective/non_score_reward": (-kl.coef * token_kl).sum(dim=1).mean().item(),
             "objective/rlhf_reward": (scores - kl.coef * token_kl.sum(dim=1)).mean().item(),
             "reply/length": mask.sum(dim=1).mean().item(),
             "reply/eos_rate": rollout.finished.float().mean().item(),
             "value/mean": masked_mean(rollout.values, mask).item(),
+            "policy/entropy": masked_mean(rollout.entropy, mask).item(),
             **{key: statistics.fmean(values) for key, values in stats.items()},
         }
         gathered = accelerator.reduce(torch.tensor(list(local.values()), device=device), reduction="mean").tolist()
@@ -827,10 +841,10 @@ def main(argv: list[str] | None = None) -> None:
         }
         shutil.rmtree(staging / "resume", ignore_errors=True)
         final = output.commit(config, inputs, summary, print_)
-        line = f"ppo: {progress.update} updates; held-out RM score "
+        line = f"ppo: {progress.update} updates; held-out reward "
         if eval_initial:
-            line += f"{eval_initial['eval/rm_score']:.3f} -> "
-        line += f"{final_eval['eval/rm_score']:.3f}"
+            line += f"{eval_initial['eval/reward']:.3f} -> "
+        line += f"{final_eval['eval/reward']:.3f}"
         if "eval/judge_score" in final_eval:
             line += f", judge {eval_initial['eval/judge_score']:.3f} -> " if eval_initial else ", judge "
             line += f"{final_eval['eval/judge_score']:.3f}"

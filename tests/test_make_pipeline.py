@@ -1,4 +1,4 @@
-"""The Makefile as a user runs it: `make rm` on the tiny config builds base -> data -> sft -> prefs -> rm."""
+"""The Makefile as a user runs it: `make ppo` on the tiny config builds base -> data -> sft -> prefs -> rm -> ppo."""
 
 import json
 import subprocess
@@ -12,8 +12,8 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_make_rm_chains_every_stage(make_run):
-    for stage in ("base", "data", "sft", "prefs", "rm"):
+def test_make_ppo_chains_every_stage(make_run):
+    for stage in ("base", "data", "sft", "prefs", "rm", "ppo"):
         assert json.loads((make_run / stage / MANIFEST).read_text())["stage"] == stage
     sft = json.loads((make_run / "sft" / MANIFEST).read_text())
     assert sft["inputs"]["eval_data"]["path"].endswith("data/sft_eval.jsonl")
@@ -22,6 +22,9 @@ def test_make_rm_chains_every_stage(make_run):
     assert rm["inputs"]["data"]["path"].endswith("prefs/ranked.jsonl")
     assert rm["inputs"]["model"]["path"].endswith("run/sft")
     assert {"eval_accuracy", "reward_mean", "reward_std"} <= set(rm["metrics"])
+    ppo = json.loads((make_run / "ppo" / MANIFEST).read_text())
+    assert ppo["inputs"]["reward_model"]["path"].endswith("run/rm")
+    assert ppo["inputs"]["prompts"]["path"].endswith("data/prompts_ppo.jsonl")
     assert not list(make_run.glob(".*.partial"))
 
 

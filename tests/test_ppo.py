@@ -1,0 +1,267 @@
+"""Stage 3, PPO: the maths against hand-computed values, rollouts, the LoRA reference, learning on a
+synthetic reward, kill-and-resume, and every input error."""
+
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from common.errors import PipelineError
+from ppo.train import (
+    PolicyAndCritic,
+    PPOStageConfig,
+    build_models,
+    generalized_advantages,
+    kl_estimate,
+    main,
+    masked_whiten,
+    sample_replies,
+    score_rollout,
+    token_logprobs,
+    token_rewards,
+)
+from tests.conftest import ROOT, TINY, run_module, write_jsonl
+
+# A learnable synthetic task: an SFT model that answers "I love it." or "I hate it." about equally often,
+# and a reward of 1 for "love". PPO should shift the policy towards "love" within a few updates.
+REWARD_MODULE = '''
+def love(prompts, replies, finished):
+    return [1.0 if "love" in reply else 0.0 for reply in replies]
+'''
+
+
+def ppo_args(run, output, *extra: str) -> list[str]:
+    return ["--config", str(TINY), "--policy", str(run / "sft"), "--reward_model", str(run / "rm"),
+            "--prompts", str(run / "data" / "prompts_ppo.jsonl"), "--output_dir", str(output), *extra]
+
+
+def test_gae_and_whitening_match_a_hand_computed_example():
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.5, 0.0, 0.0]])
+    values = torch.tensor([[0.1, 0.2, 0.3], [0.4, 9.0, 9.0]])  # 9.0: padding, must be ignored
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    advantages, returns = generalized_advantages(rewards, values, mask, gamma=1.0, lam=0.5)
+    # Row 0: deltas 0.1, 0.1, 0.7 (the value after the last token is 0); A_t = delta_t + 0.5 * A_{t+1}.
+    # Row 1: one token, delta = 0.5 - 0.4.
+    assert torch.allclose(advantages, torch.tensor([[0.325, 0.45, 0.7], [0.1, 0.0, 0.0]]))
+    assert torch.allclose(returns, torch.tensor([[0.425, 0.65, 1.0], [0.5, 0.0, 0.0]]))
+    whitened = masked_whiten(advantages, mask)
+    real = [0.325, 0.45, 0.7, 0.1]
+    expected = [(a - statistics.fmean(real)) / statistics.stdev(real) for a in real]
+    assert torch.allclose(whitened[mask.bool()], torch.tensor(expected), atol=1e-5)
+    assert whitened[1, 1] == 0 and whitened[1, 2] == 0
+
+
+def test_score_lands_on_the_last_real_token_and_every_token_pays_kl():
+    kl = torch.full((2, 4), 0.1)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    rewards = token_rewards(torch.tensor([2.0, -1.0]), kl * mask, mask, kl_coef=0.5)
+    assert torch.allclose(rewards, torch.tensor([[-0.05, -0.05, 1.95, 0.0], [-0.05, -0.05, -0.05, -1.05]]))
+
+
+def test_kl_estimators():
+    logprobs, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    assert torch.allclose(kl_estimate(logprobs, ref, "k1"), torch.tensor([0.5, -1.0]))
+    # k3 = (r - 1) - log r with r = pi_ref / pi: never negative.
+    r = torch.exp(ref - logprobs)
+    assert torch.allclose(kl_estimate(logprobs, ref, "k3"), (r - 1) - torch.log(r))
+    assert (kl_estimate(logprobs, ref, "k3") >= 0).all()
+
+
+class ScriptedPolicy(torch.nn.Module):
+    """Stands in for `generate`: replies with fixed tokens, to check where replies end."""
+
+    def __init__(self, replies: torch.Tensor):
+        super().__init__()
+        self.replies, self.next = replies, 0
+
+    def generate(self, input_ids, **kwargs):
+        rows = self.replies[self.next:self.next + len(input_ids)]
+        self.next += len(input_ids)
+        return torch.cat([input_ids, rows], dim=1)
+
+
+def test_replies_are_cut_after_the_first_eos_and_rewarded_there(make_run):
+    tokenizer = AutoTokenizer.from_pretrained(make_run / "sft")
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    # Reply 0 ends at its second token (tokens after EOS are dropped); reply 1 runs into the length
+    # limit without EOS; reply 2 samples the pad id as an ordinary token, which must stay part of it.
+    scripted = torch.tensor([[5, eos, 7, 8], [5, 6, 7, 8], [pad, 6, eos, 8]])
+    config = PPOStageConfig(max_new_tokens=4, generation_batch_size=2)
+    rollout = sample_replies(ScriptedPolicy(scripted), tokenizer, [[1, 2, 3], [4], [9, 9]], config,
+                             torch.device("cpu"))
+    assert rollout.context == 3
+    assert rollout.reply_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]]
+    assert rollout.finished.tolist() == [True, False, True]
+    assert rollout.sequences[0].tolist() == [1, 2, 3, 5, eos, pad, pad]
+    assert rollout.sequences[1].tolist() == [pad, pad, 4, 5, 6, 7, 8]
+    assert rollout.attention_mask[1].tolist() == [0, 0, 1, 1, 1, 1, 1]
+    rewards = token_rewards(torch.tensor([1.0, 2.0, 3.0]), torch.zeros(3, 4), rollout.reply_mask, kl_coef=0.1)
+    assert rewards.tolist() == [[0, 1, 0, 0], [0, 0, 0, 2], [0, 0, 3, 0]]
+
+
+def test_lora_reference_is_the_initial_policy_and_micro_batches_reproduce_rollout_logprobs(make_run):
+    tokenizer = AutoTokenizer.from_pretrained(make_run / "sft")
+    config = PPOStageConfig(policy=str(make_run / "sft"), reward_model=str(make_run / "rm"), use_lora=True,
+                            max_new_tokens=6, generation_batch_size=4, temperature=0.8)
+    torch.manual_seed(0)
+    policy, critic, reference = build_models(config, tokenizer)
+    assert reference is None  # the adapter-disabled policy is the reference: one backbone in memory
+    model = PolicyAndCritic(policy, critic)
+    prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9], [10]]
+    rollout = sample_replies(model.policy, tokenizer, prompts, config, torch.device("cpu"))
+    score_rollout(model, None, rollout, config)
+    mask = rollout.reply_mask.bool()
+    # Before any update the adapter is the identity: reference log-probs equal the policy's and the SFT model's.
+    assert torch.allclose(rollout.ref_logprobs[mask], rollout.logprobs[mask], atol=1e-5)
+    sft = AutoModelForCausalLM.from_pretrained(make_run / "sft")
+    ids, attention, positions, width = rollout.micro(torch.arange(4))
+    full_logits = sft(input_ids=ids, attention_mask=attention, position_ids=positions).logits
+    sft_logprobs = token_logprobs(full_logits[:, -width - 1:-1] / 0.8, ids[:, -width:])
+    assert torch.allclose(sft_logprobs[mask[:, :width]], rollout.logprobs[mask], atol=1e-4)
+    # Recomputed on smaller micro-batches (other padding widths) the log-probs match: the PPO ratio starts at 1.
+    for rows in (torch.tensor([0, 2]), torch.tensor([1]), torch.tensor([3])):
+        ids, attention, positions, width = rollout.micro(rows)
+        logits, _, _ = model(ids, attention, positions, width)
+        again = token_logprobs(logits / 0.8, ids[:, -width:])
+        assert torch.allclose(again[mask[rows, :width]], rollout.logprobs[rows, :width][mask[rows, :width]], atol=1e-4)
+    # After the adapter moves, the policy changes and the reference does not.
+    with torch.no_grad():
+        for name, parameter in model.policy.named_parameters():
+            if "lora_B" in name:
+                parameter.add_(0.05)
+    moved = rollout.__class__(rollout.sequences, rollout.attention_mask, rollout.context, rollout.reply_mask,
+                              rollout.finished)
+    score_rollout(model, None, moved, config)
+    assert torch.allclose(moved.ref_logprobs[mask], rollout.ref_logprobs[mask], atol=1e-5)
+    assert not torch.allclose(moved.logprobs[mask], rollout.logprobs[mask], atol=1e-3)
+
+
+def test_make_ppo_writes_the_checkpoint_contract(make_run):
+    # conftest's make_run ran `make ppo` on the tiny config: base -> data -> sft -> prefs -> rm -> ppo.
+    ppo = make_run / "ppo"
+    manifest = json.loads((ppo / "pipeline.json").read_text())
+    assert manifest["stage"] == "ppo" and manifest["metrics"]["updates"] == 4
+    assert {"final_reward", "final_kl", "final_judge_score", "initial_reward"} <= set(manifest["metrics"])
+    rows = [json.loads(line) for line in (ppo / "metrics.jsonl").read_text().splitlines()]
+    assert [row["update"] for row in rows] == [0, 1, 2, 3, 4]
+    assert {"reward/score", "objective/kl", "policy/clipfrac", "loss/value", "reply/eos_rate"} <= set(rows[1])
+    assert list((ppo / "tensorboard").iterdir())
+    assert not (make_run / ".ppo.partial").exists()
+    tokenizer = AutoTokenizer.from_pretrained(ppo)
+    policy = AutoModelForCausalLM.from_pretrained(ppo)
+    batch = tokenizer(["hello there"], return_tensors="pt")
+    assert policy.generate(**batch, max_new_tokens=3, do_sample=False).shape[1] > batch["input_ids"].shape[1]
+    from transformers import AutoModelForSequenceClassification
+    critic = AutoModelForSequenceClassification.from_pretrained(ppo / "value")
+    assert critic(**batch).logits.shape == (1, 1)
+
+
+def test_reward_rises_on_a_learnable_synthetic_reward(make_run, tiny_base, tmp_path, monkeypatch):
+    from sft.train import main as sft_main
+
+    words = ["apple", "river", "stone", "cloud", "tiger", "music", "paper", "green"]
+    rows = [{"messages": [{"role": "user", "content": f"what about {words[i % 8]}?"},
+                          {"role": "assistant", "content": "I love it." if i % 2 else "I hate it."}]}
+            for i in range(64)]
+    sft, data = tmp_path / "sft", write_jsonl(tmp_path / "sft.jsonl", rows)
+    sft_main(["--config", str(TINY), "--model", str(tiny_base), "--data", str(data), "--output_dir", str(sft),
+              "--max_steps", "60", "--eval_fraction", "0.1"])
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"what about {w}?"} for w in words * 4])
+    (tmp_path / "synthetic_reward.py").write_text(REWARD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    output = tmp_path / "ppo"
+    main(ppo_args(make_run, output, "--policy", str(sft), "--prompts", str(prompts), "--num_eval_prompts", "8",
+                  "--reward_model_weight", "0", "--extra_rewards", "synthetic_reward:love=1", "--judge", "",
+                  "--missing_eos_penalty", "0", "--num_updates", "8", "--rollout_batch_size", "16",
+                  "--generation_batch_size", "16", "--mini_batch_size", "8", "--micro_batch_size", "8",
+                  "--learning_rate", "3e-3", "--kl_coef", "0.01", "--save_every", "0", "--eval_every", "8"))
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    rewards = [row["reward/synthetic_reward:love"] for row in rows[1:]]
+    assert rewards[0] < 0.75, rewards  # the SFT model does not say "love" every time
+    assert statistics.fmean(rewards[-2:]) > rewards[0] + 0.25, rewards
+    assert rows[-1]["eval/reward"] > rows[0]["eval/reward"], (rows[0], rows[-1])
+
+
+def test_kill_and_resume_reaches_the_same_updates_and_weights(make_run, tmp_path):
+    from safetensors.torch import load_file
+
+    straight = tmp_path / "straight"
+    assert run_module("ppo", *ppo_args(make_run, straight, "--num_updates", "6")).returncode == 0
+    resumed = tmp_path / "resumed"
+    command = [sys.executable, "-m", "ppo", *ppo_args(make_run, resumed, "--num_updates", "6")]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pointer = tmp_path / ".resumed.partial" / "resume" / "latest.json"
+    deadline = time.time() + 120
+    while not pointer.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (resumed / "pipeline.json").exists()  # killed: nothing looks complete
+    result = run_module("ppo", *ppo_args(make_run, resumed, "--num_updates", "6"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resuming from" in result.stdout
+    manifest = json.loads((resumed / "pipeline.json").read_text())
+    assert manifest["metrics"]["updates"] == 6
+    rows = [json.loads(line)["update"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [0, 1, 2, 3, 4, 5, 6]
+    # The restored optimizer, scheduler and RNG make the resumed run the same run.
+    a, b = load_file(resumed / "model.safetensors"), load_file(straight / "model.safetensors")
+    assert all(torch.allclose(a[key], b[key]) for key in a)
+
+
+@pytest.mark.parametrize("case", ["missing_policy", "missing_rm", "empty_prompts", "long_prompt",
+                                  "tokenizer_mismatch", "bad_reward_spec", "bad_batch_sizes"])
+def test_input_errors_give_one_line_and_write_nothing(make_run, tmp_path, case):
+    output = tmp_path / "ppo"
+    args = ppo_args(make_run, output)
+    if case == "missing_policy":
+        args[args.index("--policy") + 1] = str(tmp_path / "nope")
+        expected = "does not exist"
+    elif case == "missing_rm":
+        args[args.index("--reward_model") + 1] = str(tmp_path / "no_rm")
+        expected = "does not exist"
+    elif case == "empty_prompts":
+        empty = tmp_path / "empty.jsonl"
+        empty.write_text("")
+        args[args.index("--prompts") + 1] = str(empty)
+        expected = "empty.jsonl"
+    elif case == "long_prompt":
+        prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "hi"}] * 20 + [{"prompt": "word " * 200}])
+        args[args.index("--prompts") + 1] = str(prompts)
+        expected = "rows 21"
+    elif case == "tokenizer_mismatch":
+        other = tmp_path / "other_rm"
+        tokenizer = AutoTokenizer.from_pretrained(make_run / "rm")
+        tokenizer.add_tokens(["<new_token>"])
+        tokenizer.save_pretrained(other)
+        (other / "config.json").write_text((make_run / "rm" / "config.json").read_text())
+        args[args.index("--reward_model") + 1] = str(other)
+        expected = "differs from the policy's"
+    elif case == "bad_reward_spec":
+        args += ["--extra_rewards", "no_such_module:judge=1"]
+        expected = "no_such_module"
+    else:
+        args += ["--mini_batch_size", "3"]
+        expected = "multiple of"
+    result = run_module("ppo", *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not output.exists() and not (tmp_path / ".ppo.partial").exists()
+
+
+def test_ppo_ptx_adds_an_sft_loss(make_run, tmp_path):
+    with pytest.raises(PipelineError, match="ptx_data"):
+        main(ppo_args(make_run, tmp_path / "refused", "--ptx_coef", "0.5"))
+    output = tmp_path / "ptx"
+    main(ppo_args(make_run, output, "--ptx_coef", "0.5", "--ptx_data", str(make_run / "data" / "sft_eval.jsonl"),
+                  "--num_updates", "1", "--save_every", "0"))
+    row = json.loads((output / "metrics.jsonl").read_text().splitlines()[1])
+    assert 0 < row["loss/ptx"] < 20  # cross-entropy of the tiny model on chat text, vocabulary ln(49152) = 10.8
