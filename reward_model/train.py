@@ -21,18 +21,18 @@ import statistics
 from dataclasses import dataclass, field
 
 import torch
-from datasets import Dataset
 from transformers import set_seed
-from trl import RewardConfig, RewardTrainer
+from trl import RewardConfig
 
 from common.checkpoint import StagedOutput, describe_input, describe_parent, fingerprint, up_to_date
 from common.config import parse_config, parse_mapping
 from common.errors import PipelineError
 from common.metrics import JsonlMetricsCallback
 from common.modeling import freeze_lower_blocks, load_reward_model, load_tokenizer
-from common.reward import RewardScorer, reward_input_ids
+from common.reward import RewardScorer
 from common.training import TrainerOptions
 from data.preferences import PreferencePair, check_prompt_lengths, load_preference_pairs
+from reward_model.grouped import GroupCollator, GroupedRewardTrainer, tokenize_groups
 
 
 @dataclass
@@ -47,7 +47,8 @@ class RewardStageConfig(TrainerOptions):
     max_train_pairs: int = field(default=0, metadata={"help": "train on at most this many pairs (0: all)"})
     max_eval_pairs: int = field(default=500, metadata={"help": "evaluate on at most this many pairs (0: all)"})
     learning_rate: float = field(default=1e-5, metadata={"help": "peak learning rate"})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "pairs per device per step"})
+    per_device_train_batch_size: int = field(default=2, metadata={"help": "prompts (each with all its compared "
+                                                                         "replies) per device per step"})
     per_device_eval_batch_size: int = field(default=16, metadata={"help": "sequences per forward pass in eval"})
     use_margin: bool = field(default=False, metadata={"help": "loss -log sigmoid(r_c - r_r - margin) with the "
                                                                "data's score margins (Llama 2)"})
@@ -88,23 +89,6 @@ def load_splits(config: RewardStageConfig) -> tuple[list[PreferencePair], list[P
     if config.max_eval_pairs:
         evaluation = evaluation[: config.max_eval_pairs]
     return train, evaluation
-
-
-def tokenize_pairs(pairs: list[PreferencePair], tokenizer, config: RewardStageConfig, split: str) -> Dataset:
-    """Token ids built exactly as `common.reward` builds them at scoring time (PPO, evaluation)."""
-    rows = []
-    for pair in pairs:
-        chosen = reward_input_ids(tokenizer, pair.prompt, pair.chosen, pair.chosen_finished)
-        rejected = reward_input_ids(tokenizer, pair.prompt, pair.rejected, pair.rejected_finished)
-        if max(len(chosen), len(rejected)) <= config.max_length:
-            rows.append({"chosen_ids": chosen, "rejected_ids": rejected, "margin": pair.margin})
-    dropped = len(pairs) - len(rows)
-    if dropped:
-        print(f"rm: dropped {dropped} of {len(pairs)} {split} pairs longer than max_length {config.max_length} tokens")
-    if not rows:
-        raise PipelineError(f"every {split} pair is longer than max_length {config.max_length} tokens; raise it")
-    dataset = Dataset.from_list(rows)
-    return dataset if config.use_margin else dataset.remove_columns("margin")
 
 
 def score_pairs(scorer: RewardScorer, pairs: list[PreferencePair], what: str) -> tuple[list[float], list[float]]:
@@ -154,8 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     train, evaluation = load_splits(config)
     tokenizer = load_tokenizer(config.model)
     check_prompt_lengths(train + evaluation, tokenizer, config.max_length - 1)
-    train_dataset = tokenize_pairs(train, tokenizer, config, "train")
-    eval_dataset = tokenize_pairs(evaluation, tokenizer, config, "eval")
+    train_dataset = tokenize_groups(train, tokenizer, config.max_length, "train")
+    eval_dataset = tokenize_groups(evaluation, tokenizer, config.max_length, "eval")
     set_seed(config.seed)  # the new score head is initialised from this seed
     model = load_reward_model(config.model, tokenizer.pad_token_id)
     if config.trainable_layers:
@@ -164,8 +148,10 @@ def main(argv: list[str] | None = None) -> None:
     output = StagedOutput(config.output_dir, "rm")
     staging = output.open()
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(staging / "tensorboard")
-    trainer = RewardTrainer(
+    trainer = GroupedRewardTrainer(
         model=model,
+        use_margin=config.use_margin,
+        data_collator=GroupCollator(tokenizer.pad_token_id),
         # Dropout off: the same score for the same input in training and when PPO reads it.
         args=RewardConfig(disable_dropout=True, center_rewards_coefficient=config.center_rewards_coefficient or None,
                           **config.trainer_kwargs(str(staging))),
@@ -185,7 +171,9 @@ def main(argv: list[str] | None = None) -> None:
         trainer.optimizer = torch.optim.AdamW(
             [{"params": groups["body"]}, {"params": groups["head"], "lr": config.head_learning_rate}],
             lr=config.learning_rate, weight_decay=config.weight_decay)
-    print(f"rm: {len(train_dataset)} train / {len(eval_dataset)} held-out pairs, {config.model} -> {config.output_dir}")
+    train_pairs = sum(len(row) for row in train_dataset["better"])
+    print(f"rm: {train_pairs} train pairs over {len(train_dataset)} prompts / {len(evaluation)} held-out pairs, "
+          f"{config.model} -> {config.output_dir}")
     result = trainer.train()
 
     trained = trainer.model
@@ -197,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         **reward_normalisation(scorer, train, config),
         "train_loss": result.training_loss,
         "steps": result.global_step,
-        "train_pairs": len(train_dataset),
+        "train_pairs": train_pairs,
+        "train_prompts": len(train_dataset),
         "eval_pairs": len(evaluation),
         "train_seconds": result.metrics["train_runtime"],
         "adapter": bool(config.use_lora and not config.merge),

@@ -1,6 +1,8 @@
 """Stage 2 on the tiny model: a learnable synthetic preference, every data shape, LoRA, errors, scoring."""
 
 import json
+import math
+import statistics
 
 import pytest
 import torch
@@ -9,6 +11,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from common.checkpoint import MANIFEST
 from common.errors import PipelineError
 from common.reward import RewardScorer, reward_input_ids
+from data.preferences import PreferencePair
+from reward_model.grouped import GroupCollator, grouped_loss, tokenize_groups
 from reward_model.score import main as score_main
 from reward_model.train import main as rm_main
 from tests.conftest import TINY, run_module, write_jsonl
@@ -175,3 +179,26 @@ def test_trainable_layers_freeze_the_lower_blocks(tmp_path, tiny_base):
         train_rm(tmp_path / "bad", tiny_base, data, "--trainable_layers", "5")
     with pytest.raises(PipelineError, match=r"choose one"):
         train_rm(tmp_path / "bad", tiny_base, data, "--trainable_layers", "1", "--use_lora", "true")
+
+
+def test_a_ranking_is_one_group_each_reply_scored_once_and_the_loss_averages_its_pairs(tiny_base):
+    prompt = [{"role": "user", "content": "hi"}]
+    replies = ["best", "good", "fine", "bad"]
+    pairs = [PreferencePair(prompt, replies[i], replies[j], float(j - i), "x", True, True)
+             for i in range(4) for j in range(i + 1, 4)]
+    other = PreferencePair([{"role": "user", "content": "yo"}], "up", "down", 1.0, "y", True, True)
+    dataset = tokenize_groups(pairs + [other], AutoTokenizer.from_pretrained(tiny_base), 64, "train")
+    assert len(dataset) == 2
+    assert len(dataset[0]["sequences"]) == 4 and len(dataset[0]["better"]) == 6  # K=4: 4 replies, 6 pairs
+    batch = GroupCollator(pad_token_id=0)([dataset[0], dataset[1]])
+    assert batch["input_ids"].shape[0] == 6  # each distinct reply once: 4 + 2
+    rewards = torch.tensor([3.0, 2.0, 1.0, 0.0, 0.5, 0.0])
+    # Each prompt counts the same: the mean of its pairs' losses, then the mean over the two prompts.
+    first = statistics.fmean(-math.log(1 / (1 + math.exp(i - j))) for i in range(4) for j in range(i + 1, 4))
+    second = -math.log(1 / (1 + math.exp(-0.5)))
+    assert math.isclose(grouped_loss(rewards, batch, use_margin=False).item(), (first + second) / 2, rel_tol=1e-5)
+    # With margins the differences shrink by each pair's margin (here j - i, and 1.0 for the second prompt).
+    with_margin = statistics.fmean(-math.log(1 / (1 + math.exp(0))) for _ in range(6))
+    second_margin = -math.log(1 / (1 + math.exp(0.5)))
+    assert math.isclose(grouped_loss(rewards, batch, use_margin=True).item(), (with_margin + second_margin) / 2,
+                        rel_tol=1e-5)
