@@ -6,6 +6,7 @@
 #   make ppo        stage 3: PPO against the reward model       (PROMPTS= for your own prompt file)
 #   make score      score DATA=replies.jsonl (or pairs) with the reward model (REWARD_MODEL= another)
 #   make prefs-export / prefs-import   human labelling: ANNOTATE=file.csv|.jsonl out to annotators and back
+#   make bench      benchmarks: our PPO against trl 1.12's PPOTrainer (episodes/s, peak memory, ratios)
 #   make test       the test suite (what .ci/run calls)
 # Every target takes CONFIG=configs/<name>.yaml and RUN=runs/<name>; ARGS="--option value" goes to the
 # stage named on the command line only. A stage whose inputs did not change is skipped by the stage
@@ -38,12 +39,12 @@ ANNOTATE ?= $(RUN)/to_rank.csv
 # ARGS reach only the stage the user named: `make rm ARGS="--learning_rate 1e-5"` must not retrain SFT.
 args_for = $(if $(filter $(1),$(MAKECMDGOALS)),$(ARGS))
 
-.PHONY: all setup base data sft prefs rm ppo score prefs-export prefs-import test lint clean help
+.PHONY: all setup base data sft prefs rm ppo bench score prefs-export prefs-import test lint clean help
 
 all: ppo
 
 help:
-	@sed -n '1,13p' Makefile
+	@sed -n '1,14p' Makefile
 
 setup: $(SETUP_STAMP)
 
@@ -88,6 +89,9 @@ prefs-export: prefs
 prefs-import: setup
 	$(PY) -m data.annotate --action import --candidates $(RUN)/prefs/candidates.jsonl --file $(ANNOTATE) \
 		--output_dir $(RUN)/prefs_human
+
+bench: setup
+	$(PY) bench/ppo_vs_trl.py $(call args_for,bench)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

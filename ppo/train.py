@@ -125,7 +125,8 @@ class PPOStageConfig:
     ptx_data: str = field(default="", metadata={"help": "SFT data for PPO-ptx (any shape `make sft` reads)"})
     # --- evaluation, checkpoints, run
     num_eval_prompts: int = field(default=16, metadata={"help": "prompts held out of training for periodic eval"})
-    eval_every: int = field(default=5, metadata={"help": "evaluate every N updates (and before and after)"})
+    eval_every: int = field(default=5, metadata={"help": "evaluate every N updates (and before and after); "
+                                                         "0: never"})
     save_every: int = field(default=5, metadata={"help": "checkpoint the training state every N updates; 0: never"})
     precision: str = field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16 (auto: fp32 on CPU)"})
     seed: int = field(default=42, metadata={"help": "seed for prompt order, sampling and initialisation"})
@@ -719,7 +720,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"updates of {config.rollout_batch_size} episodes, {processes} process(es); "
                       f"{config.policy} -> {config.output_dir}")
     eval_initial = None
-    if progress.update == 0:
+    if progress.update == 0 and config.eval_every:
         eval_initial = evaluate(unwrapped, reference, tokenizer, sources, judge, eval_prompts, eval_ids, config, device)
         log.log(0, eval_initial)
     rank_rows = slice(accelerator.process_index * local_rollout, (accelerator.process_index + 1) * local_rollout)
@@ -813,7 +814,7 @@ def main(argv: list[str] | None = None) -> None:
                         "time/rollout": rollout_seconds, "time/update": time.time() - tick,
                         "episodes_per_second": config.rollout_batch_size / (time.time() - tick)})
         progress.update = update + 1
-        if progress.update % config.eval_every == 0 or progress.update == config.num_updates:
+        if config.eval_every and (progress.update % config.eval_every == 0 or progress.update == config.num_updates):
             metrics.update(evaluate(unwrapped, reference, tokenizer, sources, judge, eval_prompts, eval_ids, config,
                                     device))
         log.log(progress.update, metrics)
@@ -824,14 +825,14 @@ def main(argv: list[str] | None = None) -> None:
             raise PipelineError(f"non-finite metrics at update {progress.update} (loss or reward diverged); lower "
                                 "learning_rate or check the reward sources; the last checkpoint is kept")
 
+    seconds = time.time() - started  # the training loop, with its periodic evaluations
     save_final(accelerator, model, tokenizer, config, staging)
     if main_process:
         final_eval = {k: v for k, v in metrics.items() if k.startswith("eval/")}
-        seconds = time.time() - started
+        initial = {k: v for k, v in (eval_initial or {}).items() if k.startswith("eval/")}
         summary = {
             **{k.replace("eval/", "final_"): v for k, v in final_eval.items()},
-            **({k.replace("eval/", "initial_"): v for k, v in eval_initial.items() if k.startswith("eval/")}
-               if eval_initial else {}),
+            **{k.replace("eval/", "initial_"): v for k, v in initial.items()},
             "updates": progress.update,
             "episodes": progress.update * config.rollout_batch_size,
             "train_seconds": seconds,
@@ -840,15 +841,17 @@ def main(argv: list[str] | None = None) -> None:
             "samples": metrics.get("samples", []),
         }
         shutil.rmtree(staging / "resume", ignore_errors=True)
+        # The critic's folder carries its own small manifest: what it started from and whose critic it is.
+        (staging / "value" / "pipeline.json").write_text(json.dumps(
+            {"stage": "ppo-critic", "policy_manifest": "../pipeline.json",
+             "inputs": {"critic": describe_parent(config.critic or config.reward_model)}}, indent=2) + "\n")
         final = output.commit(config, inputs, summary, print_)
-        line = f"ppo: {progress.update} updates; held-out reward "
-        if eval_initial:
-            line += f"{eval_initial['eval/reward']:.3f} -> "
-        line += f"{final_eval['eval/reward']:.3f}"
-        if "eval/judge_score" in final_eval:
-            line += f", judge {eval_initial['eval/judge_score']:.3f} -> " if eval_initial else ", judge "
-            line += f"{final_eval['eval/judge_score']:.3f}"
-        print(f"{line}; KL {final_eval['eval/kl']:.3f}, length {final_eval['eval/length']:.1f}; wrote {final}")
+        line = f"ppo: {progress.update} updates, {summary['episodes_per_second']:.2f} episodes/s"
+        for key, label in (("eval/reward", "held-out reward"), ("eval/judge_score", "judge"), ("eval/kl", "KL"),
+                           ("eval/length", "length")):
+            if key in final_eval:
+                line += f"; {label} " + (f"{initial[key]:.3f} -> " if key in initial else "") + f"{final_eval[key]:.3f}"
+        print(f"{line}; wrote {final}")
     accelerator.wait_for_everyone()
 
 

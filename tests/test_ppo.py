@@ -160,6 +160,7 @@ def test_make_ppo_writes_the_checkpoint_contract(make_run):
     from transformers import AutoModelForSequenceClassification
     critic = AutoModelForSequenceClassification.from_pretrained(ppo / "value")
     assert critic(**batch).logits.shape == (1, 1)
+    assert json.loads((ppo / "value" / "pipeline.json").read_text())["stage"] == "ppo-critic"
 
 
 def test_reward_rises_on_a_learnable_synthetic_reward(make_run, tiny_base, tmp_path, monkeypatch):

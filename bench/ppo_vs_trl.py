@@ -1,0 +1,161 @@
+"""Side-by-side PPO benchmark: our `ppo` against trl 1.12's `trl.experimental.ppo.PPOTrainer`.
+
+Usage:
+    python bench/ppo_vs_trl.py                       # full fine-tune and LoRA, 3 repeats each
+    python bench/ppo_vs_trl.py --repeats 1 --updates 2
+    make bench
+
+Both do the same work: the tiny model of configs/tiny.yaml (its base as policy and reference, the same
+weights with a one-logit head as reward model and critic), the same prompts, rollout/minibatch/micro-batch
+sizes, reply length, PPO epochs, temperature, learning rate and KL coefficient; periodic evaluation and
+checkpoints off on both sides, gradient checkpointing off on both. Every run is its own process; runs
+alternate between the two so drift in machine speed hits both. trl 1.12 lives in a throwaway venv this
+script creates (bench/.venv-trl112, with our torch, transformers, accelerate, peft and datasets versions).
+Prints episodes per second and peak resident memory (medians of repeats) as ratios, and writes
+bench/results_ppo.json.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "bench" / "work"
+TRL_VENV = ROOT / "bench" / ".venv-trl112"
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def run(command: list[str], **kwargs) -> None:
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, **kwargs)
+    if result.returncode:
+        sys.exit(f"bench: {' '.join(command[:4])} ... failed:\n{result.stdout[-2000:]}{result.stderr[-3000:]}")
+
+
+def prepare_models() -> None:
+    """Tiny base model, a reward model with a fresh head on the same weights, and the tiny prompt sets."""
+    run([sys.executable, "-m", "common.base_model", "--config", str(TINY), "--output_dir", str(WORK / "base")])
+    run([sys.executable, "-m", "data.chitchat", "--config", str(TINY), "--output_dir", str(WORK / "data")])
+    if not (WORK / "rm" / "config.json").exists():
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
+
+        set_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(WORK / "base", num_labels=1)
+        model.save_pretrained(WORK / "rm")
+        AutoTokenizer.from_pretrained(WORK / "base").save_pretrained(WORK / "rm")
+
+
+def prepare_trl_venv() -> Path:
+    python = TRL_VENV / "bin" / "python"
+    if not (TRL_VENV / ".ready").exists():
+        print(f"bench: creating {TRL_VENV} with trl 1.12 (once)")
+        run([sys.executable, "-m", "venv", str(TRL_VENV)])
+        pins = [f"{name}=={metadata.version(name)}" for name in ("transformers", "accelerate", "peft", "datasets")]
+        run([str(python), "-m", "pip", "install", "--quiet", f"torch=={metadata.version('torch').split('+')[0]}"])
+        run([str(python), "-m", "pip", "install", "--quiet", "trl==1.12.0", *pins])
+        (TRL_VENV / ".ready").touch()
+    return python
+
+
+def peak_rss_of(command: list[str]) -> tuple[str, float]:
+    """Run a command; its stdout and its peak resident memory in MiB (from wait4, this child only)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err,
+                                   env={**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"})
+        _, status, usage = os.wait4(process.pid, 0)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if os.waitstatus_to_exitcode(status):
+        sys.exit(f"bench: {' '.join(command[:4])} ... failed:\n{stderr[-3000:]}")
+    return stdout, usage.ru_maxrss / 1024
+
+
+def ours(settings: dict, lora: bool) -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        command = [sys.executable, "-m", "ppo", "--config", str(TINY), "--policy", settings["policy"],
+                   "--reward_model", settings["reward_model"], "--prompts", settings["prompts"],
+                   "--output_dir", f"{folder}/ppo", "--num_updates", str(settings["updates"]),
+                   "--rollout_batch_size", str(settings["rollout_batch_size"]),
+                   "--mini_batch_size", str(settings["mini_batch_size"]),
+                   "--micro_batch_size", str(settings["micro_batch_size"]),
+                   "--generation_batch_size", str(settings["generation_batch_size"]),
+                   "--ppo_epochs", str(settings["ppo_epochs"]), "--max_new_tokens", str(settings["max_new_tokens"]),
+                   "--temperature", str(settings["temperature"]), "--learning_rate", str(settings["learning_rate"]),
+                   "--kl_coef", str(settings["kl_coef"]), "--missing_eos_penalty", str(settings["missing_eos_penalty"]),
+                   "--reward_clip", "0", "--normalize_reward", "false", "--judge", "", "--eval_every", "0",
+                   "--save_every", "0", "--num_eval_prompts", "1", "--seed", str(settings["seed"]),
+                   "--use_lora", str(lora).lower(), "--force", "true"]
+        _, peak = peak_rss_of(command)
+        metrics = json.loads((Path(folder) / "ppo" / "pipeline.json").read_text())["metrics"]
+    return {"episodes_per_second": metrics["episodes"] / metrics["train_seconds"], "peak_mib": peak}
+
+
+def trl(python: Path, settings: dict, lora: bool) -> dict:
+    worker = {**settings, "lora": lora, "episodes": settings["updates"] * settings["rollout_batch_size"]}
+    stdout, peak = peak_rss_of([str(python), str(ROOT / "bench" / "trl_ppo_worker.py"), json.dumps(worker)])
+    result = json.loads(stdout.strip().splitlines()[-1])
+    return {"episodes_per_second": result["episodes"] / result["seconds"], "peak_mib": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--updates", type=int, default=4)
+    parser.add_argument("--output", default=str(ROOT / "bench" / "results_ppo.json"))
+    options = parser.parse_args()
+    prepare_models()
+    python = prepare_trl_venv()
+
+    from transformers import AutoTokenizer
+
+    from common.modeling import ensure_distinct_pad
+    from common.reward import prompt_input_ids
+    from data.prompts import load_prompts
+
+    tokenizer = ensure_distinct_pad(AutoTokenizer.from_pretrained(WORK / "base"), "base")
+    prompts = load_prompts(str(WORK / "data" / "prompts_ppo.jsonl"))[:257]
+    prompt_file = WORK / "bench_prompts.jsonl"
+    prompt_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    settings = {
+        "policy": str(WORK / "base"), "reward_model": str(WORK / "rm"), "prompts": str(prompt_file),
+        # Our stage holds out its last prompt for evaluation (switched off here); trl gets the other 256.
+        "prompt_ids": [prompt_input_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts[:-1]],
+        "pad_token": tokenizer.pad_token, "updates": options.updates, "rollout_batch_size": 16,
+        "mini_batch_size": 16, "micro_batch_size": 4, "generation_batch_size": 16, "ppo_epochs": 4,
+        "max_new_tokens": 24, "temperature": 0.7, "learning_rate": 3e-6, "kl_coef": 0.05,
+        "missing_eos_penalty": 1.0, "gradient_checkpointing": False, "seed": 0,
+    }
+    results = {"settings": {k: v for k, v in settings.items() if k != "prompt_ids"}, "modes": {}}
+    print(f"bench: {options.repeats} repeats x {options.updates} updates x {settings['rollout_batch_size']} episodes, "
+          "tiny model, CPU")
+    for mode, lora in (("full", False), ("lora", True)):
+        runs = {"ours": [], "trl": []}
+        for repeat in range(options.repeats):
+            runs["ours"].append(ours(settings, lora))
+            runs["trl"].append(trl(python, settings, lora))
+            print(f"  {mode} repeat {repeat + 1}: ours {runs['ours'][-1]}, trl 1.12 {runs['trl'][-1]}")
+        median = {side: {key: statistics.median(r[key] for r in rs) for key in ("episodes_per_second", "peak_mib")}
+                  for side, rs in runs.items()}
+        results["modes"][mode] = {
+            "runs": runs, "median": median,
+            "speed_ratio": median["ours"]["episodes_per_second"] / median["trl"]["episodes_per_second"],
+            "memory_ratio": median["ours"]["peak_mib"] / median["trl"]["peak_mib"],
+        }
+    print("\n| mode | ours episodes/s | trl 1.12 episodes/s | speed ratio | ours peak MiB | trl 1.12 peak MiB | "
+          "memory ratio |\n| --- | --- | --- | --- | --- | --- | --- |")
+    for mode, result in results["modes"].items():
+        m = result["median"]
+        print(f"| {mode} | {m['ours']['episodes_per_second']:.2f} | {m['trl']['episodes_per_second']:.2f} | "
+              f"{result['speed_ratio']:.2f}x | {m['ours']['peak_mib']:.0f} | {m['trl']['peak_mib']:.0f} | "
+              f"{result['memory_ratio']:.2f}x |")
+    Path(options.output).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"bench: wrote {options.output}")
+
+
+if __name__ == "__main__":
+    main()
