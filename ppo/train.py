@@ -390,16 +390,18 @@ def sample_replies(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
                    config: PPOStageConfig, device: torch.device) -> Rollout:
     """Sample one reply per prompt in chunks of generation_batch_size; cut each after its first EOS."""
     context = max(len(ids) for ids in prompt_ids)
+    # Left padding: every prompt ends, and every reply starts, at column `context`.
+    prompts = torch.full((len(prompt_ids), context), tokenizer.pad_token_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(prompt_ids), context), dtype=torch.long)
+    for row, prompt in enumerate(prompt_ids):
+        prompts[row, context - len(prompt):] = torch.tensor(prompt)
+        prompt_mask[row, context - len(prompt):] = 1
+    prompts, prompt_mask = prompts.to(device), prompt_mask.to(device)
     chunks = []
     policy.eval()
     for start in range(0, len(prompt_ids), config.generation_batch_size):
-        batch = prompt_ids[start:start + config.generation_batch_size]
-        ids = torch.full((len(batch), context), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), context), dtype=torch.long)
-        for row, prompt in enumerate(batch):  # left padding: every reply starts at column `context`
-            ids[row, context - len(prompt):] = torch.tensor(prompt)
-            mask[row, context - len(prompt):] = 1
-        output = policy.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
+        rows = slice(start, start + config.generation_batch_size)
+        output = policy.generate(input_ids=prompts[rows], attention_mask=prompt_mask[rows], do_sample=True,
                                  temperature=config.temperature, top_k=None, top_p=None,
                                  max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id)
@@ -414,12 +416,7 @@ def sample_replies(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     lengths = torch.where(finished, is_eos.int().argmax(dim=1) + 1, torch.full_like(finished, width, dtype=torch.long))
     reply_mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()
     replies = torch.where(reply_mask.bool(), replies, tokenizer.pad_token_id)
-    prompt_mask = torch.zeros((len(prompt_ids), context), dtype=torch.long, device=device)
-    prompt_part = torch.full((len(prompt_ids), context), tokenizer.pad_token_id, dtype=torch.long, device=device)
-    for row, prompt in enumerate(prompt_ids):
-        prompt_part[row, context - len(prompt):] = torch.tensor(prompt, device=device)
-        prompt_mask[row, context - len(prompt):] = 1
-    return Rollout(torch.cat([prompt_part, replies], dim=1), torch.cat([prompt_mask, reply_mask], dim=1), context,
+    return Rollout(torch.cat([prompts, replies], dim=1), torch.cat([prompt_mask, reply_mask], dim=1), context,
                    reply_mask.float(), finished)
 
 
