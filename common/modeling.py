@@ -69,6 +69,20 @@ def ensure_distinct_pad(tokenizer: PreTrainedTokenizerBase, source: str) -> PreT
     return tokenizer
 
 
+def pad_sequences(sequences: list[list[int]], pad_id: int, left: bool = False,
+                  width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists -> (ids, attention mask) tensors padded to `width` (default: the longest), on the
+    right, or on the left so that every sequence ends at the last column."""
+    width = width or max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        columns = slice(width - len(sequence), width) if left else slice(0, len(sequence))
+        ids[row, columns] = torch.tensor(sequence, dtype=torch.long)
+        mask[row, columns] = 1
+    return ids, mask
+
+
 def local_or_hub(path: str) -> str:
     """An absolute path for local folders, so a LoRA adapter saved from the model records a base that loads
     from anywhere; hub ids pass through."""

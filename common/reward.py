@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from common.checkpoint import read_manifest
-from common.modeling import load_reward_model, load_tokenizer
+from common.modeling import load_reward_model, load_tokenizer, pad_sequences
 
 Message = dict[str, str]
 
@@ -57,12 +57,7 @@ class RewardScorer:
         starts = range(0, len(order), self.batch_size)
         for start in tqdm(starts, desc=progress, disable=progress is None, leave=False):
             chunk = order[start:start + self.batch_size]
-            width = max(len(sequences[i]) for i in chunk)
-            ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, index in enumerate(chunk):
-                ids[row, :len(sequences[index])] = torch.tensor(sequences[index])
-                mask[row, :len(sequences[index])] = 1
+            ids, mask = pad_sequences([sequences[i] for i in chunk], self.tokenizer.pad_token_id)
             logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0]
             for index, value in zip(chunk, logits.float().tolist(), strict=True):
                 scores[index] = value

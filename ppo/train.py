@@ -57,6 +57,7 @@ from common.modeling import (
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
+    pad_sequences,
 )
 from common.reward import RewardScorer, prompt_input_ids
 from data.chat import load_chat_examples
@@ -389,14 +390,9 @@ def pad_right(rows: torch.Tensor, width: int) -> torch.Tensor:
 def sample_replies(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[list[int]],
                    config: PPOStageConfig, device: torch.device) -> Rollout:
     """Sample one reply per prompt in chunks of generation_batch_size; cut each after its first EOS."""
-    context = max(len(ids) for ids in prompt_ids)
     # Left padding: every prompt ends, and every reply starts, at column `context`.
-    prompts = torch.full((len(prompt_ids), context), tokenizer.pad_token_id, dtype=torch.long)
-    prompt_mask = torch.zeros((len(prompt_ids), context), dtype=torch.long)
-    for row, prompt in enumerate(prompt_ids):
-        prompts[row, context - len(prompt):] = torch.tensor(prompt)
-        prompt_mask[row, context - len(prompt):] = 1
-    prompts, prompt_mask = prompts.to(device), prompt_mask.to(device)
+    prompts, prompt_mask = pad_sequences(prompt_ids, tokenizer.pad_token_id, left=True)
+    prompts, prompt_mask, context = prompts.to(device), prompt_mask.to(device), prompts.shape[1]
     chunks = []
     policy.eval()
     for start in range(0, len(prompt_ids), config.generation_batch_size):
@@ -593,14 +589,8 @@ def ptx_batches(config: PPOStageConfig, tokenizer: PreTrainedTokenizerBase, seed
     generator = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(len(encoded), generator=generator)[:config.micro_batch_size].tolist()
-        batch = [encoded[i] for i in order]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (tokens, label) in enumerate(batch):
-            ids[row, :len(tokens)], labels[row, :len(tokens)] = torch.tensor(tokens), torch.tensor(label)
-            mask[row, :len(tokens)] = 1
+        ids, mask = pad_sequences([encoded[i][0] for i in order], tokenizer.pad_token_id)
+        labels, _ = pad_sequences([encoded[i][1] for i in order], -100)
         yield ids, mask, labels
 
 

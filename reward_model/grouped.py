@@ -16,6 +16,7 @@ from datasets import Dataset
 from trl import RewardTrainer
 
 from common.errors import PipelineError
+from common.modeling import pad_sequences
 from common.reward import reward_input_ids
 from data.preferences import PreferencePair
 
@@ -68,12 +69,7 @@ class GroupCollator:
             worse += [offset + i for i in group["worse"]]
             margin += group["margin"]
             weight += [1.0 / count] * count
-        width = max(len(s) for s in sequences)
-        input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            input_ids[row, :len(sequence)] = torch.tensor(sequence)
-            attention_mask[row, :len(sequence)] = 1
+        input_ids, attention_mask = pad_sequences(sequences, self.pad_token_id)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "better": torch.tensor(better),
                 "worse": torch.tensor(worse), "margin": torch.tensor(margin), "weight": torch.tensor(weight)}
 
