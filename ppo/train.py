@@ -156,9 +156,11 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both from one log-softmax over the vocabulary (the rollout logs entropy; learning needs none)."""
     log_probs = torch.log_softmax(logits.float(), dim=-1)
-    return -(log_probs.exp() * log_probs).sum(dim=-1)
+    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+    return log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), entropy
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -427,8 +429,9 @@ def score_rollout(model: PolicyAndCritic, reference: PreTrainedModel | None, rol
         ids, mask, positions, reply_width = rollout.micro(rows)
         targets = ids[:, -reply_width:]
         logits, value, _ = model(ids, mask, positions, reply_width)
-        logprobs.append(pad_right(token_logprobs(logits / config.temperature, targets), width))
-        entropy.append(pad_right(token_entropy(logits / config.temperature), width))
+        chosen, spread = token_logprobs_and_entropy(logits / config.temperature, targets)
+        logprobs.append(pad_right(chosen, width))
+        entropy.append(pad_right(spread, width))
         values.append(pad_right(value, width))
         # With LoRA the reference is the same network with its adapter switched off: no second copy.
         with model.policy.disable_adapter() if reference is None else contextlib.nullcontext():
@@ -719,11 +722,14 @@ def main(argv: list[str] | None = None) -> None:
         # Episode e of the run is prompt order[e % n] of epoch e // n, each epoch a fresh shuffle: the
         # batch of any update follows from its number, so a resumed run sees the same prompts.
         first = update * config.rollout_batch_size
+        orders: dict[int, torch.Tensor] = {}  # one shuffle per epoch the batch touches (at most two)
         batch_index = []
         for episode in range(first, first + config.rollout_batch_size):
             epoch, position = divmod(episode, len(train_prompts))
-            order = torch.randperm(len(train_prompts), generator=torch.Generator().manual_seed(config.seed + epoch))
-            batch_index.append(int(order[position]))
+            if epoch not in orders:
+                orders[epoch] = torch.randperm(len(train_prompts),
+                                               generator=torch.Generator().manual_seed(config.seed + epoch))
+            batch_index.append(int(orders[epoch][position]))
         batch_index = batch_index[rank_rows]
         prompts, prompt_ids = [train_prompts[i] for i in batch_index], [train_ids[i] for i in batch_index]
 
