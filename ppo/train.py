@@ -282,17 +282,20 @@ def build_models(config: PPOStageConfig, tokenizer: PreTrainedTokenizerBase):
     policy = load_causal_lm(config.policy)
     critic = load_reward_model(config.critic or config.reward_model, tokenizer.pad_token_id)
     reference = None
+
+    def lora(task_type: str) -> LoraConfig:  # no LoRA dropout: dropout is off everywhere in PPO
+        return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                          target_modules=config.lora_target_modules, task_type=task_type)
+
     if config.use_lora:
-        policy = get_peft_model(policy, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                                                   target_modules=config.lora_target_modules, task_type="CAUSAL_LM"))
+        policy = get_peft_model(policy, lora("CAUSAL_LM"))
     else:
         reference = load_causal_lm(config.policy).requires_grad_(False).eval()
         disable_dropout(reference)
         if config.trainable_layers:
             freeze_lower_blocks(policy, config.trainable_layers)
     if config.critic_use_lora:
-        critic = get_peft_model(critic, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                                                   target_modules=config.lora_target_modules, task_type="SEQ_CLS"))
+        critic = get_peft_model(critic, lora("SEQ_CLS"))
     elif config.trainable_layers:
         freeze_lower_blocks(critic, config.trainable_layers)
     for model in (policy, critic):
