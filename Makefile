@@ -1,9 +1,10 @@
 # The table of contents of the project: each stage is a target, and targets chain through checkpoints.
-#   make all        set up, then base -> data -> sft -> prefs -> rm -> ppo on the embedded default
+#   make all        set up, then base -> data -> sft -> prefs -> rm -> ppo -> eval on the embedded default
 #   make sft        stage 1: supervised fine-tuning             (SFT_DATA=, BASE_MODEL= for your own)
 #   make prefs      sample K replies per prompt, a labeller ranks them
 #   make rm         stage 2: reward model on the preferences    (PREFS= for your own preference file)
 #   make ppo        stage 3: PPO against the reward model       (PROMPTS= for your own prompt file)
+#   make eval       base vs SFT vs PPO on held-out prompts: $(RUN)/eval/report.md (CHECKPOINTS=, EVAL_PROMPTS=)
 #   make score      score DATA=replies.jsonl (or pairs) with the reward model (REWARD_MODEL= another)
 #   make prefs-export / prefs-import   human labelling: ANNOTATE=file.csv|.jsonl out to annotators and back
 #   make bench      benchmarks: our PPO against trl 1.12's PPOTrainer (episodes/s, peak memory, ratios)
@@ -35,16 +36,21 @@ PROMPTS ?=
 PPO_PROMPTS := $(or $(PROMPTS),$(RUN)/data/prompts_ppo.jsonl)
 DATA ?=
 ANNOTATE ?= $(RUN)/to_rank.csv
+# Evaluation: name=path pairs, the SFT checkpoint named `sft` is the reference (ARGS="--reference NAME").
+CHECKPOINTS ?=
+comma := ,
+EVAL_CHECKPOINTS := $(or $(CHECKPOINTS),base=$(SFT_MODEL)$(comma)sft=$(RUN)/sft$(comma)ppo=$(RUN)/ppo)
+EVAL_PROMPTS ?= $(RUN)/data/prompts_eval.jsonl
 
 # ARGS reach only the stage the user named: `make rm ARGS="--learning_rate 1e-5"` must not retrain SFT.
 args_for = $(if $(filter $(1),$(MAKECMDGOALS)),$(ARGS))
 
-.PHONY: all setup base data sft prefs rm ppo bench score prefs-export prefs-import test lint clean help
+.PHONY: all setup base data sft prefs rm ppo eval bench score prefs-export prefs-import test lint clean help
 
-all: ppo
+all: eval
 
 help:
-	@sed -n '1,14p' Makefile
+	@sed -n '1,15p' Makefile
 
 setup: $(SETUP_STAMP)
 
@@ -79,6 +85,13 @@ rm: sft $(if $(PREFS),,prefs)
 ppo: rm
 	$(PY) -m ppo --config $(CONFIG) --policy $(RUN)/sft --reward_model $(REWARD_MODEL) --prompts $(PPO_PROMPTS) \
 		--output_dir $(RUN)/ppo $(call args_for,ppo)
+
+# With CHECKPOINTS= the user's own checkpoints are evaluated and nothing is trained; the reward model and the
+# SFT eval set are used when they exist (recipes expand after prerequisites ran, so a fresh run finds them).
+eval: $(if $(CHECKPOINTS),setup,ppo)
+	$(PY) -m evaluation --config $(CONFIG) --checkpoints "$(EVAL_CHECKPOINTS)" --prompts $(EVAL_PROMPTS) \
+		--reward_model "$(wildcard $(REWARD_MODEL))" --sft_eval_data "$(wildcard $(SFT_EVAL))" \
+		--output_dir $(RUN)/eval $(call args_for,eval)
 
 score: setup
 	$(PY) -m reward_model.score --model $(REWARD_MODEL) --data "$(DATA)" $(call args_for,score)

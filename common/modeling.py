@@ -133,11 +133,11 @@ def freeze_lower_blocks(model: torch.nn.Module, trainable: int) -> int:
 
 
 @torch.no_grad()
-def generate_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-                     max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
-                     num_return_sequences: int = 1) -> tuple[list[str], list[bool]]:
-    """Chat replies to single-turn prompts (left-padded batch, KV cache, stop at EOS) and whether each one
-    ended with EOS (False: cut off at `max_new_tokens`). Replies to prompt i are rows i*n .. i*n+n-1."""
+def generate_reply_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                       max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+                       num_return_sequences: int = 1) -> list[list[int]]:
+    """Token ids of chat replies to single-turn prompts (left-padded batch, KV cache), each cut after its
+    first EOS (kept) or at `max_new_tokens`. Replies to prompt i are rows i*n .. i*n+n-1."""
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                            add_generation_prompt=True) for p in prompts]
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
@@ -149,6 +149,18 @@ def generate_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                             num_return_sequences=num_return_sequences,
                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     model.train(was_training)
-    generated = output[:, batch["input_ids"].shape[1]:]
-    finished = (generated == tokenizer.eos_token_id).any(dim=1).tolist()
-    return tokenizer.batch_decode(generated, skip_special_tokens=True), finished
+    replies = []
+    for row in output[:, batch["input_ids"].shape[1]:].tolist():
+        # Finished rows are filled with pad ids after EOS; a reply without EOS used all its tokens.
+        end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
+        replies.append(row[:end])
+    return replies
+
+
+def generate_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                     max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+                     num_return_sequences: int = 1) -> tuple[list[str], list[bool]]:
+    """`generate_reply_ids` as text, and whether each reply ended with EOS (False: cut off at the limit)."""
+    ids = generate_reply_ids(model, tokenizer, prompts, max_new_tokens, do_sample, temperature, num_return_sequences)
+    finished = [bool(reply) and reply[-1] == tokenizer.eos_token_id for reply in ids]
+    return tokenizer.batch_decode(ids, skip_special_tokens=True), finished

@@ -40,9 +40,9 @@ def tiny_base(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def make_run(tmp_path_factory) -> Path:
-    """`make ppo` on the tiny config: base -> data -> sft -> prefs -> rm -> ppo, exactly as a user runs it."""
+    """`make all` on the tiny config: base -> data -> sft -> prefs -> rm -> ppo -> eval, as a user runs it."""
     run = tmp_path_factory.mktemp("make") / "run"
-    result = subprocess.run(["make", "ppo", f"CONFIG={TINY}", f"RUN={run}"], cwd=ROOT, capture_output=True,
+    result = subprocess.run(["make", "all", f"CONFIG={TINY}", f"RUN={run}"], cwd=ROOT, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run

@@ -1,4 +1,5 @@
-"""The Makefile as a user runs it: `make ppo` on the tiny config builds base -> data -> sft -> prefs -> rm -> ppo."""
+"""The Makefile as a user runs it: `make all` on the tiny config builds base -> data -> sft -> prefs -> rm -> ppo
+-> eval."""
 
 import json
 import subprocess
@@ -12,8 +13,8 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_make_ppo_chains_every_stage(make_run):
-    for stage in ("base", "data", "sft", "prefs", "rm", "ppo"):
+def test_make_all_chains_every_stage(make_run):
+    for stage in ("base", "data", "sft", "prefs", "rm", "ppo", "eval"):
         assert json.loads((make_run / stage / MANIFEST).read_text())["stage"] == stage
     sft = json.loads((make_run / "sft" / MANIFEST).read_text())
     assert sft["inputs"]["eval_data"]["path"].endswith("data/sft_eval.jsonl")

@@ -1,0 +1,1 @@
+"""Evaluate aligned checkpoints on held-out prompts and write a report (`python -m evaluation`)."""

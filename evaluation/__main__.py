@@ -1,0 +1,4 @@
+from common.errors import run_cli
+from evaluation.evaluate import main
+
+run_cli(main)

@@ -1,0 +1,248 @@
+"""Evaluate checkpoints side by side on held-out prompts (the protocol in the README, "Reading the report").
+
+Usage:
+    python -m evaluation --config configs/default.yaml                       # base, SFT and PPO of runs/default
+    python -m evaluation --checkpoints "sft=runs/default/sft,mine=out/my-policy" --prompts my_prompts.jsonl
+    python -m evaluation --config configs/default.yaml --judge mypkg.judges:helpful --reward_model ""
+    make eval                          # CHECKPOINTS="name=path,..." EVAL_PROMPTS=file.jsonl for your own
+
+Every checkpoint answers the same prompts with the same sampling seed and settings. Per checkpoint: the
+judge's score (the gold judge by default), the reward model's score, the win rate against the reference
+checkpoint under both (ties count half), the KL from the reference over whole replies, reply length, EOS
+rate, distinct-1/2, and the perplexity of the SFT eval replies; 95% bootstrap intervals over prompts for
+means and win rates. Writes `output_dir` (default `$(RUN)/eval/`): `report.md`, `report.json`,
+`replies.jsonl` (every reply with its scores), PNG plots and `pipeline.json`.
+"""
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
+
+from common.checkpoint import StagedOutput, describe_input, describe_parent, fingerprint, read_manifest, up_to_date
+from common.config import parse_config
+from common.errors import PipelineError
+from common.modeling import generate_reply_ids, load_causal_lm, load_tokenizer, pad_sequences
+from common.reward import RewardScorer, prompt_input_ids
+from data.chat import load_chat_examples
+from data.judges import load_judge, run_judge
+from data.prompts import load_prompts
+from evaluation.metrics import bootstrap_interval, distinct_n, sequence_kl, win_outcomes
+from evaluation.report import write_report
+
+
+@dataclass
+class EvalConfig:
+    checkpoints: str = field(default="base=runs/default/base,sft=runs/default/sft,ppo=runs/default/ppo",
+                             metadata={"help": "name=path (folder or hub id) pairs, comma-separated, in report order"})
+    reference: str = field(default="sft", metadata={"help": "the checkpoint (by name) others are compared with"})
+    prompts: str = field(default="runs/default/data/prompts_eval.jsonl",
+                         metadata={"help": "held-out prompt file (held apart from preference and PPO prompts)"})
+    prompt_column: str = field(default="prompt", metadata={"help": "column holding the prompt"})
+    judge: str = field(default="data.judges:gold_judge",
+                       metadata={"help": "module:function judge, or a reward-model folder"})
+    reward_model: str = field(default="runs/default/rm", metadata={"help": "reward model to score with ('' : none)"})
+    sft_eval_data: str = field(default="runs/default/data/sft_eval.jsonl",
+                               metadata={"help": "SFT eval conversations for perplexity ('' : skip)"})
+    output_dir: str = field(default="runs/default/eval", metadata={"help": "where the report is written"})
+    num_prompts: int = field(default=256, metadata={"help": "the first N prompts of the file (0: all)"})
+    max_new_tokens: int = field(default=32, metadata={"help": "reply length limit (as in PPO)"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (as in PPO)"})
+    batch_size: int = field(default=16, metadata={"help": "prompts per generate call and per forward pass"})
+    max_perplexity_examples: int = field(default=100, metadata={"help": "SFT eval conversations for perplexity"})
+    bootstrap_resamples: int = field(default=1000, metadata={"help": "resamples for the 95% intervals"})
+    num_samples: int = field(default=8, metadata={"help": "prompts whose replies the report shows side by side"})
+    seed: int = field(default=42, metadata={"help": "sampling seed, the same for every checkpoint"})
+    force: bool = field(default=False, metadata={"help": "evaluate again even if the report is up to date"})
+
+
+def parse_checkpoints(text: str, reference: str) -> dict[str, str]:
+    """'name=path,...' (a bare path is named after its folder) -> {name: path}, reference included."""
+    checkpoints = {}
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        name, path = item.split("=", 1) if "=" in item else (Path(item).name, item)
+        if name.strip() in checkpoints:
+            raise PipelineError(f"--checkpoints names {name.strip()!r} twice; give each checkpoint its own name")
+        checkpoints[name.strip()] = path.strip()
+    if not checkpoints:
+        raise PipelineError("--checkpoints is empty; pass name=path pairs, e.g. sft=runs/x/sft,ppo=runs/x/ppo")
+    if reference not in checkpoints:
+        raise PipelineError(f"reference {reference!r} is not among the checkpoints ({', '.join(checkpoints)}); "
+                            "pass --reference with one of their names")
+    return checkpoints
+
+
+@torch.no_grad()
+def reply_logprobs(model: PreTrainedModel, prompts: list[list[int]], replies: list[list[int]], temperature: float,
+                   batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of each reply token under `model` at `temperature` (logits / T, the distribution replies were
+    sampled from) and the mask of real reply tokens, padded to the longest reply."""
+    width = max(len(reply) for reply in replies) or 1
+    logprobs = torch.zeros(len(replies), width)
+    model.eval()
+    for start in range(0, len(replies), batch_size):
+        rows = slice(start, start + batch_size)
+        # Prompts padded on the left and replies on the right: every reply starts at the same column, so
+        # the LM head runs only over the reply positions (the 49k-vocabulary head dominates small models).
+        prompt_ids, prompt_mask = pad_sequences(prompts[rows], 0, left=True)
+        reply_ids, reply_mask = pad_sequences(replies[rows], 0, width=width)
+        ids, mask = torch.cat([prompt_ids, reply_ids], 1), torch.cat([prompt_mask, reply_mask], 1)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        device = model.device
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                       logits_to_keep=width + 1).logits[:, :-1].float() / temperature
+        token_logprobs = torch.log_softmax(logits, -1).gather(-1, reply_ids.to(device).unsqueeze(-1)).squeeze(-1)
+        logprobs[rows] = token_logprobs.cpu() * reply_mask
+    return logprobs, pad_sequences(replies, 0, width=width)[1]
+
+
+def conversation_turns(tokenizer: PreTrainedTokenizerBase, source: str, limit: int) -> tuple[list, list]:
+    """From SFT eval conversations: (context ids, last assistant reply ids) pairs for perplexity."""
+    contexts, replies = [], []
+    for messages in load_chat_examples(source)[:limit]:
+        last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
+        context = prompt_input_ids(tokenizer, messages[:last])
+        text = tokenizer.apply_chat_template(messages[: last + 1], tokenize=False)
+        full = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if full[: len(context)] == context and len(full) > len(context):
+            contexts.append(context[-384:])  # a long history adds cost, not signal: keep its last 384 tokens
+            replies.append(full[len(context):])
+    if not replies:
+        raise PipelineError(f"{source}: no conversation ends in an assistant reply the chat template renders after "
+                            "its context; pass --sft_eval_data '' to skip perplexity")
+    return contexts, replies
+
+
+def perplexity(model: PreTrainedModel, turns: tuple[list, list], batch_size: int) -> float:
+    logprobs, mask = reply_logprobs(model, *turns, temperature=1.0, batch_size=batch_size)
+    return math.exp(-logprobs.sum().item() / mask.sum().item())
+
+
+def evaluate_checkpoint(name: str, path: str, reference: PreTrainedModel | None, reference_name: str,
+                        tokenizer: PreTrainedTokenizerBase, prompts: list[str], turns: tuple | None,
+                        config: EvalConfig) -> dict:
+    """Sample one reply per prompt (fixed seed), then its log-probs under the checkpoint and the reference."""
+    model = reference if name == reference_name else load_causal_lm(path)
+    set_seed(config.seed)
+    ids = []
+    for start in range(0, len(prompts), config.batch_size):
+        ids += generate_reply_ids(model, tokenizer, prompts[start:start + config.batch_size], config.max_new_tokens,
+                                  do_sample=True, temperature=config.temperature)
+    result = {
+        "replies": tokenizer.batch_decode(ids, skip_special_tokens=True),
+        "finished": [bool(reply) and reply[-1] == tokenizer.eos_token_id for reply in ids],
+        "lengths": [len(reply) for reply in ids],
+        "kl": None,
+        "perplexity": perplexity(model, turns, config.batch_size) if turns else None,
+    }
+    if name == reference_name:
+        result["kl"] = [0.0] * len(ids)
+    elif reference is not None and any(ids):
+        prompt_ids = [prompt_input_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+        own, mask = reply_logprobs(model, prompt_ids, ids, config.temperature, config.batch_size)
+        ref, _ = reply_logprobs(reference, prompt_ids, ids, config.temperature, config.batch_size)
+        result["kl"] = sequence_kl(own, ref, mask)
+    return result
+
+
+def same_vocabulary(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
+    return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
+
+
+def summarise(results: dict[str, dict], reference: str, config: EvalConfig) -> dict[str, dict]:
+    """Means with 95% bootstrap intervals, win rates against the reference, and the protocol's other numbers."""
+    def with_interval(values: list[float]) -> dict:
+        low, high = bootstrap_interval(values, config.bootstrap_resamples, seed=config.seed)
+        return {"mean": statistics.fmean(values), "low": low, "high": high}
+
+    summary = {}
+    for name, result in results.items():
+        row = {"path": result["path"], "gold": with_interval(result["gold"]),
+               "length": statistics.fmean(result["lengths"]),
+               "eos_rate": statistics.fmean(result["finished"]),
+               "distinct_1": distinct_n(result["replies"], 1), "distinct_2": distinct_n(result["replies"], 2),
+               "perplexity": result["perplexity"], "stage_seconds": result["stage_seconds"]}
+        row["kl"] = with_interval(result["kl"]) if result["kl"] is not None else None
+        row["rm"] = with_interval(result["rm"]) if result["rm"] is not None else None
+        if name != reference:
+            row["win_gold"] = with_interval(win_outcomes(result["gold"], results[reference]["gold"]))
+            if result["rm"] is not None:
+                row["win_rm"] = with_interval(win_outcomes(result["rm"], results[reference]["rm"]))
+        summary[name] = row
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(EvalConfig, "eval", argv)
+    checkpoints = parse_checkpoints(config.checkpoints, config.reference)
+    inputs = {"checkpoints": {name: describe_parent(path) for name, path in checkpoints.items()},
+              "prompts": describe_input(config.prompts)}
+    for option in ("reward_model", "sft_eval_data"):
+        if getattr(config, option):
+            inputs[option] = describe_input(getattr(config, option))
+    print_ = fingerprint(config, inputs)
+    if not config.force and up_to_date(config.output_dir, print_):
+        print(f"eval: {config.output_dir} is up to date (inputs unchanged); pass --force true to evaluate again")
+        print_headline(Path(config.output_dir), json.loads((Path(config.output_dir) / "report.json").read_text()))
+        return
+
+    # Validate everything before the long sampling runs: checkpoints, prompts, judge, reward model, SFT data.
+    if config.temperature <= 0:
+        raise PipelineError(f"temperature must be above 0 (replies are sampled), got {config.temperature}")
+    tokenizers = {name: load_tokenizer(path) for name, path in checkpoints.items()}
+    prompts = load_prompts(config.prompts, config.prompt_column)
+    prompts = prompts[: config.num_prompts] if config.num_prompts else prompts
+    judge = load_judge(config.judge)
+    scorer = RewardScorer.load(config.reward_model, config.batch_size) if config.reward_model else None
+    reference_tokenizer = tokenizers[config.reference]
+    turns = (conversation_turns(reference_tokenizer, config.sft_eval_data, config.max_perplexity_examples)
+             if config.sft_eval_data else None)
+    output = StagedOutput(config.output_dir, "eval")
+    staging = output.open()
+
+    print(f"eval: {', '.join(checkpoints)} on {len(prompts)} prompts from {config.prompts} "
+          f"(T {config.temperature}, {config.max_new_tokens} tokens, seed {config.seed}); judge {config.judge}")
+    reference = load_causal_lm(checkpoints[config.reference])
+    results = {}
+    for name, path in checkpoints.items():
+        tokenizer = tokenizers[name]
+        comparable = same_vocabulary(tokenizer, reference_tokenizer)
+        result = evaluate_checkpoint(name, path, reference if comparable else None, config.reference, tokenizer,
+                                     prompts, turns if comparable else None, config)
+        result["path"] = path
+        result["gold"] = run_judge(judge, config.judge, prompts, result["replies"], result["finished"])
+        result["rm"] = scorer.judge(prompts, result["replies"], result["finished"]) if scorer else None
+        result["stage_seconds"] = (read_manifest(path) or {}).get("seconds")
+        results[name] = result
+        print(f"eval: {name}: gold {statistics.fmean(result['gold']):.3f}, length "
+              f"{statistics.fmean(result['lengths']):.1f}, EOS {statistics.fmean(result['finished']):.0%}")
+
+    summary = summarise(results, config.reference, config)
+    rm_metrics = (read_manifest(config.reward_model) or {}).get("metrics", {}) if config.reward_model else {}
+    report = {
+        "prompts": config.prompts, "num_prompts": len(prompts), "reference": config.reference,
+        "judge": config.judge, "reward_model": config.reward_model or None,
+        "rm_heldout_accuracy": rm_metrics.get("eval_accuracy"), "rm_heldout_pairs": rm_metrics.get("eval_pairs"),
+        "sampling": {"temperature": config.temperature, "max_new_tokens": config.max_new_tokens, "seed": config.seed},
+        "checkpoints": summary,
+    }
+    write_report(staging, report, results, prompts, config.num_samples)
+    final = output.commit(config, inputs, {"checkpoints": summary}, print_)
+    print_headline(final, report)
+
+
+def print_headline(folder: Path, report: dict) -> None:
+    """Where the report is and, for each checkpoint compared with the reference, the numbers that matter."""
+    reference, rows = report["reference"], report["checkpoints"]
+    print(f"eval: report {folder / 'report.md'}")
+    for name, row in rows.items():
+        if "win_gold" in row:
+            win = row["win_gold"]
+            kl = f", KL {row['kl']['mean']:.2f} nats" if row["kl"] else ""
+            print(f"eval: {name} vs {reference} under the judge: win rate {win['mean']:.3f} "
+                  f"[{win['low']:.3f}, {win['high']:.3f}], score {rows[reference]['gold']['mean']:.3f} -> "
+                  f"{row['gold']['mean']:.3f}{kl}, length {rows[reference]['length']:.1f} -> {row['length']:.1f}")
