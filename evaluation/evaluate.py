@@ -149,6 +149,15 @@ def evaluate_checkpoint(name: str, path: str, reference: PreTrainedModel | None,
     return result
 
 
+def run_stage_seconds(run: Path, own: str) -> dict[str, float]:
+    """What each stage of the run cost: the folders next to the reference that hold one of our manifests,
+    in the order they ran (the cost side of the report)."""
+    manifests = [(folder.name, read_manifest(folder)) for folder in sorted(run.iterdir()) if folder.is_dir()] \
+        if run.is_dir() else []
+    done = sorted((m["started"], name, m["seconds"]) for name, m in manifests if m and "seconds" in m and name != own)
+    return {name: seconds for _, name, seconds in done}
+
+
 def same_vocabulary(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
     return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
 
@@ -165,7 +174,7 @@ def summarise(results: dict[str, dict], reference: str, config: EvalConfig) -> d
                "length": statistics.fmean(result["lengths"]),
                "eos_rate": statistics.fmean(result["finished"]),
                "distinct_1": distinct_n(result["replies"], 1), "distinct_2": distinct_n(result["replies"], 2),
-               "perplexity": result["perplexity"], "stage_seconds": result["stage_seconds"]}
+               "perplexity": result["perplexity"]}
         row["kl"] = with_interval(result["kl"]) if result["kl"] is not None else None
         row["rm"] = with_interval(result["rm"]) if result["rm"] is not None else None
         if name != reference:
@@ -181,9 +190,10 @@ def main(argv: list[str] | None = None) -> None:
     checkpoints = parse_checkpoints(config.checkpoints, config.reference)
     inputs = {"checkpoints": {name: describe_parent(path) for name, path in checkpoints.items()},
               "prompts": describe_input(config.prompts)}
-    for option in ("reward_model", "sft_eval_data"):
-        if getattr(config, option):
-            inputs[option] = describe_input(getattr(config, option))
+    if config.reward_model:
+        inputs["reward_model"] = describe_parent(config.reward_model)
+    if config.sft_eval_data:
+        inputs["sft_eval_data"] = describe_input(config.sft_eval_data)
     print_ = fingerprint(config, inputs)
     if not config.force and up_to_date(config.output_dir, print_):
         print(f"eval: {config.output_dir} is up to date (inputs unchanged); pass --force true to evaluate again")
@@ -216,7 +226,6 @@ def main(argv: list[str] | None = None) -> None:
         result["path"] = path
         result["gold"] = run_judge(judge, config.judge, prompts, result["replies"], result["finished"])
         result["rm"] = scorer.judge(prompts, result["replies"], result["finished"]) if scorer else None
-        result["stage_seconds"] = (read_manifest(path) or {}).get("seconds")
         results[name] = result
         print(f"eval: {name}: gold {statistics.fmean(result['gold']):.3f}, length "
               f"{statistics.fmean(result['lengths']):.1f}, EOS {statistics.fmean(result['finished']):.0%}")
@@ -229,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         "rm_heldout_accuracy": rm_metrics.get("eval_accuracy"), "rm_heldout_pairs": rm_metrics.get("eval_pairs"),
         "sampling": {"temperature": config.temperature, "max_new_tokens": config.max_new_tokens, "seed": config.seed},
         "checkpoints": summary,
+        "stage_seconds": run_stage_seconds(Path(checkpoints[config.reference]).parent, Path(config.output_dir).name),
     }
     write_report(staging, report, results, prompts, config.num_samples)
     final = output.commit(config, inputs, {"checkpoints": summary}, print_)
@@ -239,6 +249,10 @@ def print_headline(folder: Path, report: dict) -> None:
     """Where the report is and, for each checkpoint compared with the reference, the numbers that matter."""
     reference, rows = report["reference"], report["checkpoints"]
     print(f"eval: report {folder / 'report.md'}")
+    if report["stage_seconds"]:
+        print("eval: stage times " + ", ".join(f"{name} {seconds / 60:.1f} min" for name, seconds in
+                                               report["stage_seconds"].items())
+              + f"; total {sum(report['stage_seconds'].values()) / 60:.1f} min")
     for name, row in rows.items():
         if "win_gold" in row:
             win = row["win_gold"]

@@ -22,6 +22,10 @@ def interval(stat: dict | None, digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}f} [{stat['low']:.{digits}f}, {stat['high']:.{digits}f}]"
 
 
+def kl_cell(stat: dict | None) -> str:
+    return interval(stat, 2) if stat else "n/a (other tokenizer)"
+
+
 def headline(report: dict) -> str:
     """One sentence per compared checkpoint: does it beat the reference under the judge, and at what KL."""
     reference, rows = report["reference"], report["checkpoints"]
@@ -56,17 +60,18 @@ def markdown(report: dict, results: dict[str, dict], prompts: list[str], num_sam
         "## Scores", "",
         f"| checkpoint | judge score | win rate vs {reference} (judge) | RM score | win rate vs {reference} (RM) | "
         f"KL from {reference} (nats) | length (tokens) | EOS rate | distinct-1 | distinct-2 | SFT-eval perplexity "
-        "| stage time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
-        seconds, ppl = row["stage_seconds"], row["perplexity"]
+        ppl = row["perplexity"]
         lines.append(
             f"| {name} | {interval(row['gold'])} | {interval(row.get('win_gold')) if name != reference else '-'} | "
             f"{interval(row['rm'])} | {interval(row.get('win_rm')) if name != reference else '-'} | "
-            f"{interval(row['kl'], 2) if row['kl'] else 'n/a'} | {row['length']:.1f} | {row['eos_rate']:.0%} | "
+            f"{kl_cell(row['kl']) if name != reference else '0 (reference)'} | {row['length']:.1f} | "
+            f"{row['eos_rate']:.0%} | "
             f"{row['distinct_1']:.3f} | {row['distinct_2']:.3f} | "
-            f"{'n/a' if ppl is None else round(ppl, 2)} | {'-' if seconds is None else f'{seconds / 60:.1f} min'} |")
+            f"{'n/a' if ppl is None else round(ppl, 2)} |")
     lines += [
         "", "How to read it:",
         "- *judge score*: the judge's mean score of the replies (the gold judge: how positive a reply is, minus "
@@ -79,10 +84,15 @@ def markdown(report: dict, results: dict[str, dict], prompts: list[str], num_sam
         "difference summed over each reply, averaged); 0 for the reference itself, n/a for another tokenizer.",
         "- *distinct-n*: unique word n-grams over all n-grams of all replies; a collapse means the same reply to "
         "everyone. *SFT-eval perplexity*: how well the checkpoint still predicts the human replies of the SFT eval "
-        "set (lower is better; a rise is the alignment tax). *stage time*: the time the stage that wrote the "
-        "checkpoint took, from its `pipeline.json`.",
+        "set (lower is better; a rise is the alignment tax).",
         "",
     ]
+    if report["stage_seconds"]:
+        stages = report["stage_seconds"]
+        lines += ["## Cost", "", "Time each stage of the run took (from its `pipeline.json`), in the order they ran:",
+                  "", "| " + " | ".join(stages) + " | total |", "|---" * (len(stages) + 1) + "|",
+                  "| " + " | ".join(f"{s / 60:.1f} min" for s in stages.values())
+                  + f" | {sum(stages.values()) / 60:.1f} min |", ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{Path(plot).stem.replace('_', ' ')}]({plot})" for plot in plots] + [""]
     names = list(results)
