@@ -129,7 +129,8 @@ def plot_training(rows: list[dict], name: str, path: Path) -> None:
     updates = [row for row in rows if "objective/kl" in row]
     evals = [row for row in rows if "eval/kl" in row]
     figure, (over_time, against_kl) = plt.subplots(1, 2, figsize=(12, 4))
-    over_time.plot([r["update"] for r in updates], [r["reward/score"] for r in updates], label="reward (rollouts)")
+    over_time.plot([r["update"] for r in updates], [r["reward/score"] for r in updates],
+                   label="reward (rollouts, normalised RM)")
     if evals and "eval/judge_score" in evals[0]:
         over_time.plot([r["update"] for r in evals], [r["eval/judge_score"] for r in evals], "o-",
                        label="judge score (held-out)")
@@ -139,8 +140,8 @@ def plot_training(rows: list[dict], name: str, path: Path) -> None:
     kl_axis.set_ylabel("KL from the reference (nats)")
     over_time.legend(loc="upper left")
     kl_axis.legend(loc="lower right")
-    against_kl.plot([r["objective/kl"] for r in updates], [r["reward/score"] for r in updates], ".-",
-                    label="reward (rollouts)")
+    against_kl.plot([r["objective/kl"] for r in updates], [r["reward/score"] for r in updates], ".",
+                    label="reward (rollouts, one dot per update)")
     if evals and "eval/judge_score" in evals[0]:
         against_kl.plot([r["eval/kl"] for r in evals], [r["eval/judge_score"] for r in evals], "o-",
                         label="judge score (held-out)")

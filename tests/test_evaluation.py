@@ -85,12 +85,13 @@ def test_make_all_writes_the_report(make_run):
         assert 0 <= row["win_gold"]["mean"] <= 1 and row["perplexity"] > 1
     assert rows["ppo"]["kl"]["mean"] > 0  # PPO moved away from SFT
     assert report["rm_heldout_accuracy"] is not None
+    assert list(report["stage_seconds"]) == ["base", "data", "sft", "prefs", "rm", "ppo"]  # in the order they ran
     folder = make_run / "eval"
     for png in ("score_distributions.png", "ppo_training.png"):
         assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (folder / "report.md").read_text()
     assert "| checkpoint | judge score | win rate vs sft (judge)" in markdown
-    assert "![ppo training](ppo_training.png)" in markdown
+    assert "![ppo training](ppo_training.png)" in markdown and "## Cost" in markdown
     replies = [json.loads(line) for line in (folder / "replies.jsonl").read_text().splitlines()]
     assert len(replies) == report["num_prompts"] == 12
     assert markdown.count(replies[0]["prompt"]) >= 1 and {"base", "sft", "ppo"} <= set(replies[0])
