@@ -1,4 +1,4 @@
-"""Evaluate checkpoints side by side on held-out prompts (the protocol in the README, "Reading the report").
+"""Evaluate checkpoints side by side on held-out prompts (README: "Evaluation: `make eval` and the report").
 
 Usage:
     python -m evaluation --config configs/default.yaml                       # base, SFT and PPO of runs/default
