@@ -161,6 +161,11 @@ def generate_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                      max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
                      num_return_sequences: int = 1) -> tuple[list[str], list[bool]]:
     """`generate_reply_ids` as text, and whether each reply ended with EOS (False: cut off at the limit)."""
-    ids = generate_reply_ids(model, tokenizer, prompts, max_new_tokens, do_sample, temperature, num_return_sequences)
-    finished = [bool(reply) and reply[-1] == tokenizer.eos_token_id for reply in ids]
-    return tokenizer.batch_decode(ids, skip_special_tokens=True), finished
+    return decode_replies(tokenizer, generate_reply_ids(model, tokenizer, prompts, max_new_tokens, do_sample,
+                                                        temperature, num_return_sequences))
+
+
+def decode_replies(tokenizer: PreTrainedTokenizerBase, replies: list[list[int]]) -> tuple[list[str], list[bool]]:
+    """Reply ids from `generate_reply_ids` -> their text and whether each ended with EOS."""
+    finished = [bool(reply) and reply[-1] == tokenizer.eos_token_id for reply in replies]
+    return tokenizer.batch_decode(replies, skip_special_tokens=True), finished

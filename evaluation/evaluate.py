@@ -27,7 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 from common.checkpoint import StagedOutput, describe_input, describe_parent, fingerprint, read_manifest, up_to_date
 from common.config import parse_config
 from common.errors import PipelineError
-from common.modeling import generate_reply_ids, load_causal_lm, load_tokenizer, pad_sequences
+from common.modeling import decode_replies, generate_reply_ids, load_causal_lm, load_tokenizer, pad_sequences
 from common.reward import RewardScorer, prompt_input_ids
 from data.chat import load_chat_examples
 from data.judges import load_judge, run_judge
@@ -142,9 +142,10 @@ def evaluate_checkpoint(name: str, path: str, reference: PreTrainedModel | None,
                                      do_sample=True, temperature=config.temperature)
         for row, reply in zip(rows, replies, strict=True):
             ids[row] = reply
+    texts, finished = decode_replies(tokenizer, ids)
     result = {
-        "replies": tokenizer.batch_decode(ids, skip_special_tokens=True),
-        "finished": [bool(reply) and reply[-1] == tokenizer.eos_token_id for reply in ids],
+        "replies": texts,
+        "finished": finished,
         "lengths": [len(reply) for reply in ids],
         "kl": None,
         "perplexity": perplexity(model, turns, config.batch_size) if turns else None,
