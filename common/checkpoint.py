@@ -22,6 +22,8 @@ from typing import Any
 from common.errors import PipelineError
 
 MANIFEST = "pipeline.json"
+# Inside a partial folder: the state a killed run resumes from (trainer or PPO checkpoints).
+RESUME = "resume"
 LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate")
 
 
@@ -107,9 +109,9 @@ class StagedOutput:
         self.stage = stage
         self.started = time.time()
 
-    def open(self, keep: bool = False) -> Path:
-        """Check the destination is writable, discard a killed run's leftovers (unless `keep`: a stage that
-        resumes from a checkpoint inside them), create the staging folder."""
+    def check(self, need_bytes: int = 0) -> None:
+        """Before any work: the destination can be created, is writable and has room for `need_bytes`
+        (a stage's estimate of its checkpoint and resume state). Changes nothing but the parent folder."""
         parent = self.final.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
@@ -117,13 +119,25 @@ class StagedOutput:
             raise PipelineError(f"cannot create output folder {parent}: {err.strerror}; choose another RUN=") from None
         if not os.access(parent, os.W_OK):
             raise PipelineError(f"output folder {parent} is not writable; fix its permissions or choose another RUN=")
+        free = shutil.disk_usage(parent).free
+        if free < need_bytes:
+            raise PipelineError(f"output folder {parent} has {free / 2**30:.1f} GiB free, but this stage writes about "
+                                f"{need_bytes / 2**30:.1f} GiB (checkpoint and resume state); free some space or "
+                                "choose another RUN=")
+
+    def open(self, keep: bool = False, need_bytes: int = 0) -> Path:
+        """Check the destination, discard a killed run's leftovers (unless `keep`: a stage that resumes from
+        a checkpoint inside them), create the staging folder."""
+        self.check(need_bytes)
         if self.staging.exists() and not keep:
             shutil.rmtree(self.staging)
         self.staging.mkdir(exist_ok=True)
         return self.staging
 
     def commit(self, config: Any, inputs: dict[str, Any], metrics: dict[str, Any], print_: str) -> Path:
-        """Write the manifest last, then swap the staging folder into place."""
+        """Drop the resume state (a finished run needs none), write the manifest last, then swap the staging
+        folder into place."""
+        shutil.rmtree(self.staging / RESUME, ignore_errors=True)
         manifest = {
             "stage": self.stage,
             "fingerprint": print_,

@@ -1,11 +1,22 @@
-"""What the two trl-trained stages (SFT, reward model) share: trainer options, LoRA options and their
-translation into `transformers.TrainingArguments` keywords."""
+"""What the two trl-trained stages (SFT, reward model) share: trainer options and their translation into
+`transformers.TrainingArguments` keywords, resuming a killed run, stopping a diverged one, and saving the
+trained model (whole, even when DeepSpeed ZeRO-3 or FSDP sharded it) per the checkpoint contract."""
 
+import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from peft import LoraConfig
+import torch
+from accelerate import PartialState
+from peft import LoraConfig, PeftModel
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 
+from common.checkpoint import RESUME, StagedOutput
+from common.distributed import open_output
+from common.errors import PipelineError
 from common.modeling import choose_precision
 
 
@@ -23,6 +34,8 @@ class TrainerOptions:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     logging_steps: int = field(default=10, metadata={"help": "log train metrics every N steps"})
     eval_steps: int = field(default=0, metadata={"help": "evaluate every N steps (0: at the start/end only)"})
+    save_steps: int = field(default=50, metadata={"help": "checkpoint the training state every N steps; a rerun "
+                                                          "after a kill resumes from the last one; 0: never"})
     use_lora: bool = field(default=False, metadata={"help": "train a LoRA adapter instead of all weights"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
@@ -41,10 +54,10 @@ class TrainerOptions:
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                           target_modules=self.lora_target_modules, task_type=task_type)
 
-    def trainer_kwargs(self, staging: str) -> dict[str, Any]:
+    def trainer_kwargs(self, staging: Path) -> dict[str, Any]:
         precision = choose_precision(self.precision)
         return dict(
-            output_dir=staging,
+            output_dir=str(staging / RESUME),
             max_length=self.max_length,
             learning_rate=self.learning_rate,
             num_train_epochs=self.num_train_epochs,
@@ -61,11 +74,90 @@ class TrainerOptions:
             gradient_checkpointing=self.gradient_checkpointing,
             eval_strategy="steps" if self.eval_steps else "no",
             eval_steps=self.eval_steps or None,
-            save_strategy="no",
+            save_strategy="steps" if self.save_steps else "no",
+            save_steps=self.save_steps or None,
+            save_total_limit=2,  # the newest may be half-written when the run is killed; the one before is whole
+            # transformers would drop NaN/inf losses from the logged mean; the divergence check must see them.
+            logging_nan_inf_filter=False,
             bf16=precision == "bf16",
             fp16=precision == "fp16",
             seed=self.seed,
             data_seed=self.seed,
             report_to=["tensorboard"],
             dataloader_num_workers=0,
+            # The process group `start_processes` joined: the trainer would otherwise reset and rebuild it,
+            # losing the gloo backend DeepSpeed needs on a CPU.
+            accelerator_config={"use_configured_state": True},
         )
+
+
+def open_for_training(output: StagedOutput, state: PartialState, print_: str, model: PreTrainedModel,
+                      options: TrainerOptions) -> tuple[Path, str | None]:
+    """The staging folder, and the trainer checkpoint to resume from when a killed run with the same inputs
+    left one there (else the folder starts empty)."""
+    folder = output.staging / RESUME
+    stamp = folder / "fingerprint"
+    resume = None
+    if stamp.is_file() and stamp.read_text() == print_:
+        # trainer_state.json is the last file the trainer writes into a checkpoint: its presence means whole.
+        complete = [c for c in folder.glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
+        resume = max(complete, key=lambda c: int(c.name.split("-")[1]), default=None)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # The final weights, plus two trainer checkpoints of weights and AdamW's two fp32 moments.
+    need = weights + (2 * (weights + 8 * trainable) if options.save_steps else 0)
+    staging = open_output(output, state, keep=resume is not None, need_bytes=need)
+    if state.is_main_process:
+        folder.mkdir(exist_ok=True)
+        stamp.write_text(print_)
+        if resume is not None:
+            drop_metrics_after(staging / "metrics.jsonl", json.loads((resume / "trainer_state.json").read_text()))
+    return staging, str(resume) if resume else None
+
+
+def drop_metrics_after(path: Path, trainer_state: dict) -> None:
+    """The steps after the resumed checkpoint run again and log again: their old rows go."""
+    if path.is_file():
+        step = trainer_state["global_step"]
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+class StopOnNonFinite(TrainerCallback):
+    """Stop at the first non-finite logged loss or gradient norm, and never write a checkpoint of non-finite
+    weights: the newest checkpoint in the partial folder stays the last good one."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def stop(self, what: str, step: int, output_dir: str) -> None:
+        raise PipelineError(f"{self.stage}: non-finite {what} at step {step}: training diverged; lower learning_rate "
+                            f"or check the data; the last good checkpoint is kept in {output_dir}")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if isinstance(value, float) and not math.isfinite(value):
+                self.stop(f"{key} ({value})", state.global_step, args.output_dir)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if control.should_save and model is not None and not all(
+                torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+            self.stop("weights", state.global_step, args.output_dir)
+
+
+def save_trained_model(trainer: Trainer, staging: Path, options: TrainerOptions, initial: str,
+                       load: Callable[[str], PreTrainedModel]) -> PreTrainedModel | None:
+    """Write the trained model into `staging` and return it reloaded from there (main process; None on the
+    others). The trainer's save gathers ZeRO-3/FSDP shards into one plain checkpoint; a LoRA adapter is
+    merged into the `initial` weights unless `merge` is off. Reloading proves the folder loads."""
+    trainer.save_model(str(staging))
+    if not trainer.is_world_process_zero():
+        return None
+    (staging / "training_args.bin").unlink(missing_ok=True)
+    if options.use_lora and options.merge:
+        merged = PeftModel.from_pretrained(load(initial), str(staging)).merge_and_unload()
+        for adapter_file in staging.glob("adapter_*"):
+            adapter_file.unlink()
+        merged.save_pretrained(staging)
+    return load(str(staging)).to(trainer.args.device)

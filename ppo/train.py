@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler, set_seed
 
 from common.checkpoint import (
+    RESUME,
     StagedOutput,
     describe_input,
     describe_parent,
@@ -521,24 +522,24 @@ class TrainingProgress:
 
 def resume_point(staging: Path, print_: str) -> Path | None:
     """The last complete checkpoint of an interrupted run with the same inputs, if there is one."""
-    pointer = staging / "resume" / "latest.json"
+    pointer = staging / RESUME / "latest.json"
     if not pointer.is_file():
         return None
     latest = json.loads(pointer.read_text())
-    folder = staging / "resume" / latest["folder"]
+    folder = staging / RESUME / latest["folder"]
     return folder if latest["fingerprint"] == print_ and folder.is_dir() else None
 
 
 def save_checkpoint(accelerator: Accelerator, staging: Path, update: int, print_: str) -> None:
     """Model, optimizer, scheduler, RNG and progress into a new folder; then the pointer moves to it
     (atomically, by rename), then older folders go. A kill at any moment leaves a usable checkpoint."""
-    folder = staging / "resume" / f"update-{update:06d}"
+    folder = staging / RESUME / f"update-{update:06d}"
     accelerator.save_state(str(folder))
     if accelerator.is_main_process:
-        temporary = staging / "resume" / "latest.json.tmp"
+        temporary = staging / RESUME / "latest.json.tmp"
         temporary.write_text(json.dumps({"folder": folder.name, "fingerprint": print_, "update": update}))
-        os.replace(temporary, staging / "resume" / "latest.json")
-        for old in (staging / "resume").glob("update-*"):
+        os.replace(temporary, staging / RESUME / "latest.json")
+        for old in (staging / RESUME).glob("update-*"):
             if old != folder:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -836,7 +837,6 @@ def main(argv: list[str] | None = None) -> None:
             "kl_coef": kl.coef,
             "samples": metrics.get("samples", []),
         }
-        shutil.rmtree(staging / "resume", ignore_errors=True)
         # The critic's folder carries its own small manifest: what it started from and whose critic it is.
         (staging / "value" / "pipeline.json").write_text(json.dumps(
             {"stage": "ppo-critic", "policy_manifest": "../pipeline.json",

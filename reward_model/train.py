@@ -26,11 +26,12 @@ from trl import RewardConfig
 
 from common.checkpoint import StagedOutput, describe_input, describe_parent, fingerprint, up_to_date
 from common.config import parse_config, parse_mapping
+from common.distributed import start_processes
 from common.errors import PipelineError
 from common.metrics import JsonlMetricsCallback
 from common.modeling import freeze_lower_blocks, load_reward_model, load_tokenizer
 from common.reward import RewardScorer
-from common.training import TrainerOptions
+from common.training import StopOnNonFinite, TrainerOptions, open_for_training, save_trained_model
 from data.preferences import PreferencePair, check_prompt_lengths, load_preference_pairs
 from reward_model.grouped import GroupCollator, GroupedRewardTrainer, tokenize_groups
 
@@ -124,12 +125,13 @@ def reward_normalisation(scorer: RewardScorer, train: list[PreferencePair], conf
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(RewardStageConfig, "rm", argv)
+    state = start_processes()
     inputs = {"model": describe_parent(config.model), "data": describe_input(config.data)}
     if config.eval_data:
         inputs["eval_data"] = describe_input(config.eval_data)
     print_ = fingerprint(config, inputs)
     if not config.force and up_to_date(config.output_dir, print_):
-        print(f"rm: {config.output_dir} is up to date (inputs unchanged); pass --force true to retrain")
+        state.print(f"rm: {config.output_dir} is up to date (inputs unchanged); pass --force true to retrain")
         return
 
     # Validate everything before any work or any output.
@@ -144,9 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     model = load_reward_model(config.model, tokenizer.pad_token_id)
     if config.trainable_layers:
         trainable = freeze_lower_blocks(model, config.trainable_layers)
-        print(f"rm: training the top {config.trainable_layers} blocks and the head: {trainable:,} parameters")
+        state.print(f"rm: training the top {config.trainable_layers} blocks and the head: {trainable:,} parameters")
     output = StagedOutput(config.output_dir, "rm")
-    staging = output.open()
+    staging, resume = open_for_training(output, state, print_, model, config)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(staging / "tensorboard")
     trainer = GroupedRewardTrainer(
         model=model,
@@ -154,12 +156,12 @@ def main(argv: list[str] | None = None) -> None:
         data_collator=GroupCollator(tokenizer.pad_token_id),
         # Dropout off: the same score for the same input in training and when PPO reads it.
         args=RewardConfig(disable_dropout=True, center_rewards_coefficient=config.center_rewards_coefficient or None,
-                          **config.trainer_kwargs(str(staging))),
+                          **config.trainer_kwargs(staging)),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=config.lora_config("SEQ_CLS"),  # SEQ_CLS keeps the new score head fully trainable
-        callbacks=[JsonlMetricsCallback(staging / "metrics.jsonl")],
+        callbacks=[JsonlMetricsCallback(staging / "metrics.jsonl"), StopOnNonFinite("rm")],
     )
     if config.head_learning_rate:
         # The score head starts from random weights next to a trained backbone: at the backbone's small
@@ -172,13 +174,15 @@ def main(argv: list[str] | None = None) -> None:
             [{"params": groups["body"]}, {"params": groups["head"], "lr": config.head_learning_rate}],
             lr=config.learning_rate, weight_decay=config.weight_decay)
     train_pairs = sum(len(row) for row in train_dataset["better"])
-    print(f"rm: {train_pairs} train pairs over {len(train_dataset)} prompts / {len(evaluation)} held-out pairs, "
-          f"{config.model} -> {config.output_dir}")
-    result = trainer.train()
+    state.print(f"rm: {train_pairs} train pairs over {len(train_dataset)} prompts / {len(evaluation)} held-out "
+                f"pairs, {state.num_processes} process(es), {config.model} -> {config.output_dir}"
+                + (f"; resuming from {resume}" if resume else ""))
+    result = trainer.train(resume_from_checkpoint=resume)
+    trained = save_trained_model(trainer, staging, config, config.model,
+                                 lambda path: load_reward_model(path, tokenizer.pad_token_id))
+    if trained is None:
+        return  # not the main process: it has done its share of training
 
-    trained = trainer.model
-    if config.use_lora and config.merge:
-        trained = trained.merge_and_unload()
     scorer = RewardScorer(trained, tokenizer, batch_size=config.per_device_eval_batch_size)
     metrics = {
         **pairwise_metrics(*score_pairs(scorer, evaluation, "rm: scoring eval"), "eval"),
@@ -189,11 +193,11 @@ def main(argv: list[str] | None = None) -> None:
         "train_prompts": len(train_dataset),
         "eval_pairs": len(evaluation),
         "train_seconds": result.metrics["train_runtime"],
+        "processes": state.num_processes,
+        "resumed_from_step": int(resume.rsplit("-", 1)[1]) if resume else 0,
         "adapter": bool(config.use_lora and not config.merge),
     }
     trainer.log({key: value for key, value in metrics.items() if isinstance(value, float)})
-    trained.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
     final = output.commit(config, inputs, metrics, print_)
     print(f"rm: held-out pairwise accuracy {metrics['eval_accuracy']:.3f} on {len(evaluation)} pairs "
           f"(chosen {metrics['eval_chosen_mean']:.3f}, rejected {metrics['eval_rejected_mean']:.3f}, "

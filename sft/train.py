@@ -22,9 +22,10 @@ from trl import SFTConfig, SFTTrainer
 
 from common.checkpoint import StagedOutput, describe_input, describe_parent, fingerprint, up_to_date
 from common.config import parse_config, parse_mapping
+from common.distributed import start_processes
 from common.metrics import JsonlMetricsCallback
 from common.modeling import generate_replies, load_causal_lm, load_tokenizer
-from common.training import TrainerOptions
+from common.training import StopOnNonFinite, TrainerOptions, open_for_training, save_trained_model
 from data.chat import load_chat_examples, split_train_eval
 
 
@@ -58,51 +59,54 @@ def load_splits(config: SFTStageConfig) -> tuple[list, list]:
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(SFTStageConfig, "sft", argv)
+    state = start_processes()
     inputs = {"model": describe_parent(config.model), "data": describe_input(config.data)}
     if config.eval_data:
         inputs["eval_data"] = describe_input(config.eval_data)
     print_ = fingerprint(config, inputs)
     if not config.force and up_to_date(config.output_dir, print_):
-        print(f"sft: {config.output_dir} is up to date (inputs unchanged); pass --force true to retrain")
+        state.print(f"sft: {config.output_dir} is up to date (inputs unchanged); pass --force true to retrain")
         return
 
     # Validate everything before any work or any output.
     train, evaluation = load_splits(config)
     tokenizer = load_tokenizer(config.model)
-    output = StagedOutput(config.output_dir, "sft")
-    staging = output.open()
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(staging / "tensorboard")
-
     set_seed(config.seed)
     model = load_causal_lm(config.model)
+    output = StagedOutput(config.output_dir, "sft")
+    staging, resume = open_for_training(output, state, print_, model, config)
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(staging / "tensorboard")
+
     trainer = SFTTrainer(
         model=model,
         # Loss on the assistant's replies (and their end-of-turn token) only: the model learns to
         # answer, not to imitate the user. Needs `{% generation %}` markers in the chat template.
-        args=SFTConfig(assistant_only_loss=True, dataset_num_proc=None, **config.trainer_kwargs(str(staging))),
+        # The base model's eval loss is measured inside train() (step 0), where DDP and DeepSpeed have
+        # prepared the model: evaluate() before train() stops DDP from wrapping it (each process then
+        # trains its own copy) and DeepSpeed ZeRO-2 refuses it. A resumed run already has that number.
+        args=SFTConfig(assistant_only_loss=True, dataset_num_proc=None, eval_on_start=resume is None,
+                       **config.trainer_kwargs(staging)),
         train_dataset=Dataset.from_dict({"messages": train}),
         eval_dataset=Dataset.from_dict({"messages": evaluation}),
         processing_class=tokenizer,
         peft_config=config.lora_config("CAUSAL_LM"),
-        callbacks=[JsonlMetricsCallback(staging / "metrics.jsonl")],
+        callbacks=[JsonlMetricsCallback(staging / "metrics.jsonl"), StopOnNonFinite("sft")],
     )
-    print(f"sft: {len(train)} train / {len(evaluation)} eval examples, {config.model} -> {config.output_dir}")
-    base_eval = trainer.evaluate(metric_key_prefix="base_eval")
-    result = trainer.train()
+    state.print(f"sft: {len(train)} train / {len(evaluation)} eval examples, {state.num_processes} process(es), "
+                f"{config.model} -> {config.output_dir}" + (f"; resuming from {resume}" if resume else ""))
+    result = trainer.train(resume_from_checkpoint=resume)
+    base_eval_loss = next(row["eval_loss"] for row in trainer.state.log_history if "eval_loss" in row)
     final_eval = trainer.evaluate()
-
-    trained = trainer.model
-    if config.use_lora and config.merge:
-        trained = trained.merge_and_unload()
-    trained.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
+    trained = save_trained_model(trainer, staging, config, config.model, load_causal_lm)
+    if trained is None:
+        return  # not the main process: it has done its share of training and evaluation
 
     prompts = [example[0]["content"] if example[0]["role"] != "system" else example[1]["content"]
                for example in evaluation[: config.num_sample_prompts]]
     replies, _ = generate_replies(trained, tokenizer, prompts, config.max_new_tokens)
     metrics = {
-        "base_eval_loss": base_eval["base_eval_loss"],
-        "base_eval_perplexity": math.exp(base_eval["base_eval_loss"]),
+        "base_eval_loss": base_eval_loss,
+        "base_eval_perplexity": math.exp(base_eval_loss),
         "eval_loss": final_eval["eval_loss"],
         "eval_perplexity": math.exp(final_eval["eval_loss"]),
         "train_loss": result.training_loss,
@@ -110,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         "train_examples": len(train),
         "eval_examples": len(evaluation),
         "train_seconds": result.metrics["train_runtime"],
+        "processes": state.num_processes,
+        "resumed_from_step": int(resume.rsplit("-", 1)[1]) if resume else 0,
         "adapter": bool(config.use_lora and not config.merge),
         "samples": [{"prompt": p, "reply": r} for p, r in zip(prompts, replies, strict=True)],
     }

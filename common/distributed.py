@@ -1,0 +1,39 @@
+"""Several processes (`accelerate launch`, `make <stage> NUM_PROCESSES=N`): what every stage does the same way.
+
+A stage runs the same code in every process. The process group is joined first; only the main process
+creates, writes and renames the output folder, the others wait for it at the points where they need it.
+"""
+
+import os
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+
+from common.checkpoint import StagedOutput
+
+
+def start_processes() -> PartialState:
+    """Join the process group (one process alone when not launched by accelerate/torchrun).
+
+    Without GPUs accelerate needs two hints (accelerate 1.15): plain processes join one gloo group only when
+    marked as CPU processes (unmarked, each trains alone on all the data), and DeepSpeed's processes must
+    be given gloo by name (else each counts itself as process 0 of 1 and all of them write the output).
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not launched or torch.cuda.is_available():
+        return PartialState()
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return PartialState(backend="gloo")
+    os.environ["ACCELERATE_USE_CPU"] = "true"  # read again by the trainers' own AcceleratorState
+    return PartialState(cpu=True)
+
+def open_output(output: StagedOutput, state: PartialState, keep: bool = False, need_bytes: int = 0) -> Path:
+    """The staging folder, created (or kept for a resume) by the main process; every process gets its path.
+    Every process checks the destination first, so a bad one stops them all rather than leaving the
+    others waiting for a main process that has quit."""
+    output.check(need_bytes)
+    if state.is_main_process:
+        output.open(keep=keep)
+    state.wait_for_everyone()
+    return output.staging
