@@ -11,7 +11,9 @@
 #   make test       the test suite (what .ci/run calls)
 # Every target takes CONFIG=configs/<name>.yaml and RUN=runs/<name>; ARGS="--option value" goes to the
 # stage named on the command line only. A stage whose inputs did not change is skipped by the stage
-# itself (it compares a fingerprint of its inputs with its pipeline.json).
+# itself (it compares a fingerprint of its inputs with its pipeline.json); a killed stage resumes.
+# sft, rm and ppo run on several processes/GPUs with ACCELERATE_CONFIG=configs/accelerate/<ddp|zero2|
+# zero3|zero3_offload|fsdp>.yaml NUM_PROCESSES=N (NUM_PROCESSES alone: DDP).
 
 CONFIG ?= configs/default.yaml
 RUN ?= runs/default
@@ -21,9 +23,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SETUP_STAMP := $(VENV)/.setup-done
 
+# Training stages go through `accelerate launch` when asked for several processes or a config.
+ACCELERATE_CONFIG ?=
+NUM_PROCESSES ?= 1
+TRAIN := $(if $(ACCELERATE_CONFIG)$(filter-out 1,$(NUM_PROCESSES)),$(VENV)/bin/accelerate launch \
+	--config_file $(or $(ACCELERATE_CONFIG),configs/accelerate/ddp.yaml) --num_processes $(NUM_PROCESSES) -m,$(PY) -m)
+
 # User inputs replace the embedded ones; the stages they replace are then not built.
 BASE_MODEL ?=
 SFT_PROMPTS ?=
+PROMPTS ?=
 PPO_PROMPTS := $(or $(PROMPTS),$(RUN)/data/prompts_ppo.jsonl)
 DATA ?=
 SFT_MODEL := $(or $(BASE_MODEL),$(RUN)/base)
@@ -32,9 +41,6 @@ SFT_EVAL := $(if $(SFT_DATA),,$(RUN)/data/sft_eval.jsonl)
 PREFS ?=
 RM_DATA := $(or $(PREFS),$(RUN)/prefs/ranked.jsonl)
 REWARD_MODEL ?= $(RUN)/rm
-PROMPTS ?=
-PPO_PROMPTS := $(or $(PROMPTS),$(RUN)/data/prompts_ppo.jsonl)
-DATA ?=
 ANNOTATE ?= $(RUN)/to_rank.csv
 # Evaluation: name=path pairs, the SFT checkpoint named `sft` is the reference (ARGS="--reference NAME").
 CHECKPOINTS ?=
@@ -50,7 +56,7 @@ args_for = $(if $(filter $(1),$(MAKECMDGOALS)),$(ARGS))
 all: eval
 
 help:
-	@sed -n '1,15p' Makefile
+	@sed -n '1,17p' Makefile
 
 setup: $(SETUP_STAMP)
 
@@ -71,7 +77,7 @@ data: setup
 	$(PY) -m data.chitchat --config $(CONFIG) --output_dir $(RUN)/data
 
 sft: setup base $(if $(SFT_DATA),,data)
-	$(PY) -m sft --config $(CONFIG) --model $(SFT_MODEL) --data $(SFT_TRAIN) --eval_data "$(SFT_EVAL)" \
+	$(TRAIN) sft --config $(CONFIG) --model $(SFT_MODEL) --data $(SFT_TRAIN) --eval_data "$(SFT_EVAL)" \
 		--output_dir $(RUN)/sft $(call args_for,sft)
 
 prefs: sft data
@@ -79,11 +85,11 @@ prefs: sft data
 		--output_dir $(RUN)/prefs $(call args_for,prefs)
 
 rm: sft $(if $(PREFS),,prefs)
-	$(PY) -m reward_model --config $(CONFIG) --model $(RUN)/sft --data $(RM_DATA) --output_dir $(RUN)/rm \
+	$(TRAIN) reward_model --config $(CONFIG) --model $(RUN)/sft --data $(RM_DATA) --output_dir $(RUN)/rm \
 		$(call args_for,rm)
 
 ppo: rm
-	$(PY) -m ppo --config $(CONFIG) --policy $(RUN)/sft --reward_model $(REWARD_MODEL) --prompts $(PPO_PROMPTS) \
+	$(TRAIN) ppo --config $(CONFIG) --policy $(RUN)/sft --reward_model $(REWARD_MODEL) --prompts $(PPO_PROMPTS) \
 		--output_dir $(RUN)/ppo $(call args_for,ppo)
 
 # With CHECKPOINTS= the user's own checkpoints are evaluated and nothing is trained; the reward model and the
@@ -104,7 +110,7 @@ prefs-import: setup
 		--output_dir $(RUN)/prefs_human
 
 bench: setup
-	$(PY) bench/ppo_vs_trl.py $(call args_for,bench)
+	$(PY) bench/run_all.py $(call args_for,bench)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

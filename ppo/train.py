@@ -31,11 +31,13 @@ import os
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import GradientAccumulationPlugin
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
@@ -51,6 +53,7 @@ from common.checkpoint import (
     up_to_date,
 )
 from common.config import parse_config, parse_mapping
+from common.distributed import open_output, start_processes
 from common.errors import PipelineError
 from common.modeling import (
     choose_precision,
@@ -143,11 +146,15 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Zero mean (unless shift_mean is False), unit variance over the real tokens; padding stays 0."""
-    mean = masked_mean(values, mask)
-    count = mask.sum()
-    variance = masked_mean((values - mean) ** 2, mask) * count / (count - 1).clamp(min=1)  # unbiased
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  total: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums) -> torch.Tensor:
+    """Zero mean (unless shift_mean is False), unit variance over the real tokens; padding stays 0. `total`
+    sums the statistics over processes, so each process whitens with the whole batch's mean and variance,
+    as a single process holding the whole batch would."""
+    count, first = total(torch.stack([mask.sum(), (values * mask).sum()]))
+    mean = first / count.clamp(min=1)
+    second = total(((values - mean) ** 2 * mask).sum())
+    variance = second / (count - 1).clamp(min=1)  # unbiased
     whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
     return (whitened if shift_mean else whitened + mean) * mask
 
@@ -394,8 +401,10 @@ def pad_right(rows: torch.Tensor, width: int) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_replies(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[list[int]],
-                   config: PPOStageConfig, device: torch.device) -> Rollout:
-    """Sample one reply per prompt in chunks of generation_batch_size; cut each after its first EOS."""
+                   config: PPOStageConfig, device: torch.device, seed: int) -> Rollout:
+    """Sample one reply per prompt in chunks of generation_batch_size; cut each after its first EOS. Chunk
+    k is sampled from seed + its first row: when the caller numbers rows globally, the replies do not
+    depend on how many processes share the batch (a 2-process run samples what 1 process samples)."""
     # Left padding: every prompt ends, and every reply starts, at column `context`.
     prompts, prompt_mask = pad_sequences(prompt_ids, tokenizer.pad_token_id, left=True)
     prompts, prompt_mask, context = prompts.to(device), prompt_mask.to(device), prompts.shape[1]
@@ -403,6 +412,7 @@ def sample_replies(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     policy.eval()
     for start in range(0, len(prompt_ids), config.generation_batch_size):
         rows = slice(start, start + config.generation_batch_size)
+        torch.manual_seed(seed + start)
         output = policy.generate(input_ids=prompts[rows], attention_mask=prompt_mask[rows], do_sample=True,
                                  temperature=config.temperature, top_k=None, top_p=None,
                                  max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
@@ -555,8 +565,7 @@ def evaluate(model: PolicyAndCritic, reference, tokenizer, sources: list[RewardS
     """Held-out prompts, a fixed sampling seed: the reward (and each source), the judge's score, sequence KL
     to the reference, length, EOS rate, and a few samples."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(config.seed)
-        rollout = sample_replies(model.policy, tokenizer, prompt_ids, config, device)
+        rollout = sample_replies(model.policy, tokenizer, prompt_ids, config, device, seed=config.seed)
     score_rollout(model, reference, rollout, config)
     scores, per_source, texts = score_replies(sources, tokenizer, prompts, prompt_ids, rollout, config)
     metrics = {
@@ -647,17 +656,24 @@ def main(argv: list[str] | None = None) -> None:
         print(f"ppo: {config.output_dir} is up to date (inputs unchanged); pass --force true to train again")
         return
 
-    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(choose_precision(config.precision),
-                                                                 choose_precision(config.precision)))
-    processes, device = accelerator.num_processes, accelerator.device
-    main_process = accelerator.is_main_process
+    state = start_processes()
+    processes = state.num_processes
     local_rollout, local_mini = config.rollout_batch_size // processes, config.mini_batch_size // processes
     if (config.rollout_batch_size % config.mini_batch_size or config.mini_batch_size % processes
             or local_mini % config.micro_batch_size):
         raise PipelineError(f"rollout_batch_size ({config.rollout_batch_size}) must be a multiple of mini_batch_size "
                             f"({config.mini_batch_size}), which must be a multiple of processes ({processes}) x "
                             f"micro_batch_size ({config.micro_batch_size})")
-    accelerator.gradient_accumulation_steps = local_mini // config.micro_batch_size
+    accumulation = local_mini // config.micro_batch_size
+    precision = choose_precision(config.precision)
+    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision),
+                              gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accumulation))
+    if accelerator.state.deepspeed_plugin is not None:
+        # DeepSpeed learns batch sizes from a dataloader or a trainer's "auto" values; this loop has neither.
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            {"train_micro_batch_size_per_gpu": config.micro_batch_size, "gradient_accumulation_steps": accumulation,
+             "gradient_clipping": config.max_grad_norm})
+    device, main_process = accelerator.device, accelerator.is_main_process
 
     # Validate everything before any work or any output.
     validate(config)
@@ -676,15 +692,15 @@ def main(argv: list[str] | None = None) -> None:
     if ptx is not None:
         next(ptx)  # reads and checks the SFT data now, not at the first update
 
-    output = StagedOutput(config.output_dir, "ppo")
-    resume_from = resume_point(output.staging, print_) if output.staging.is_dir() else None
-    if main_process:
-        output.open(keep=resume_from is not None)
-    accelerator.wait_for_everyone()
-    staging = output.staging
-
     set_seed(config.seed)
     policy, critic, reference = build_models(config, tokenizer)
+    output = StagedOutput(config.output_dir, "ppo")
+    resume_from = resume_point(output.staging, print_) if output.staging.is_dir() else None
+    # The final policy and critic, plus (briefly two) resume checkpoints of them with AdamW's two moments.
+    weights = sum(p.numel() * p.element_size() for network in (policy, critic) for p in network.parameters())
+    trainable = sum(p.numel() for network in (policy, critic) for p in network.parameters() if p.requires_grad)
+    need = weights + (2 * (weights + 8 * trainable) if config.save_every else 0)
+    staging = open_output(output, state, keep=resume_from is not None, need_bytes=need)
     if reference is not None:
         reference.to(device)
     for source in sources:
@@ -717,6 +733,9 @@ def main(argv: list[str] | None = None) -> None:
     if progress.update == 0 and config.eval_every:
         eval_initial = evaluate(unwrapped, reference, tokenizer, sources, judge, eval_prompts, eval_ids, config, device)
         log.log(0, eval_initial)
+    def across_processes(sums: torch.Tensor) -> torch.Tensor:
+        return accelerator.reduce(sums, reduction="sum")
+
     rank_rows = slice(accelerator.process_index * local_rollout, (accelerator.process_index + 1) * local_rollout)
     started, episodes_done = time.time(), 0
     bar = tqdm(range(progress.update, config.num_updates), initial=progress.update, total=config.num_updates,
@@ -739,7 +758,8 @@ def main(argv: list[str] | None = None) -> None:
 
         # 1. Rollout.
         with gathered_for_generation(accelerator, model):
-            rollout = sample_replies(unwrapped.policy, tokenizer, prompt_ids, config, device)
+            rollout = sample_replies(unwrapped.policy, tokenizer, prompt_ids, config, device,
+                                     seed=config.seed * 1_000_003 + first + rank_rows.start)
         score_rollout(unwrapped, reference, rollout, config)
         # 2. Rewards.
         scores, per_source, _ = score_replies(sources, tokenizer, prompts, prompt_ids, rollout, config)
@@ -747,10 +767,10 @@ def main(argv: list[str] | None = None) -> None:
         token_kl = kl_estimate(rollout.logprobs, rollout.ref_logprobs, config.kl_estimator) * mask
         rewards = token_rewards(scores, token_kl, mask, kl.coef)
         if config.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
+            rewards = masked_whiten(rewards, mask, shift_mean=False, total=across_processes)
         # 3. Advantages.
         advantages, returns = generalized_advantages(rewards, rollout.values, mask, config.gamma, config.lam)
-        advantages = masked_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask, total=across_processes)
         rollout_seconds = time.time() - tick
 
         # 4. Learn.
@@ -816,11 +836,13 @@ def main(argv: list[str] | None = None) -> None:
                                     device))
         log.log(progress.update, metrics)
         bar.set_postfix(reward=f"{metrics['reward/score']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+        # Checked before saving, so the newest checkpoint is always a good one.
+        if not all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)):
+            raise PipelineError(f"ppo: non-finite metrics at update {progress.update} (loss or reward diverged); lower "
+                                f"learning_rate or check the reward sources; the last good checkpoint is kept in "
+                                f"{staging / RESUME}")
         if config.save_every and progress.update % config.save_every == 0 and progress.update < config.num_updates:
             save_checkpoint(accelerator, staging, progress.update, print_)
-        if not all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)):
-            raise PipelineError(f"non-finite metrics at update {progress.update} (loss or reward diverged); lower "
-                                "learning_rate or check the reward sources; the last checkpoint is kept")
 
     seconds = time.time() - started  # the training loop, with its periodic evaluations
     save_final(accelerator, model, tokenizer, config, staging)

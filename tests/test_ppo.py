@@ -94,7 +94,7 @@ def test_replies_are_cut_after_the_first_eos_and_rewarded_there(make_run):
     scripted = torch.tensor([[5, eos, 7, 8], [5, 6, 7, 8], [pad, 6, eos, 8]])
     config = PPOStageConfig(max_new_tokens=4, generation_batch_size=2)
     rollout = sample_replies(ScriptedPolicy(scripted), tokenizer, [[1, 2, 3], [4], [9, 9]], config,
-                             torch.device("cpu"))
+                             torch.device("cpu"), seed=0)
     assert rollout.context == 3
     assert rollout.reply_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]]
     assert rollout.finished.tolist() == [True, False, True]
@@ -114,7 +114,7 @@ def test_lora_reference_is_the_initial_policy_and_micro_batches_reproduce_rollou
     assert reference is None  # the adapter-disabled policy is the reference: one backbone in memory
     model = PolicyAndCritic(policy, critic)
     prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9], [10]]
-    rollout = sample_replies(model.policy, tokenizer, prompts, config, torch.device("cpu"))
+    rollout = sample_replies(model.policy, tokenizer, prompts, config, torch.device("cpu"), seed=0)
     score_rollout(model, None, rollout, config)
     mask = rollout.reply_mask.bool()
     # Before any update the adapter is the identity: reference log-probs equal the policy's and the SFT model's.

@@ -1,0 +1,121 @@
+"""Real multi-process launches on this CPU: SFT, RM and PPO on 2 processes (DDP over gloo) and SFT and PPO under
+DeepSpeed ZeRO-2, each compared with the same work on 1 process; the checkpoints reload as plain models."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from common.checkpoint import MANIFEST
+from tests.conftest import ROOT, TINY, chat_rows, run_module, write_jsonl
+from tests.test_reward_model import preference_rows
+
+ACCELERATE = ROOT / "configs" / "accelerate"
+
+
+def launch(config: str, module: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / config),
+               "--num_processes", "2", "-m", module, *args]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def single(module: str, *args: str) -> None:
+    result = run_module(module, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def manifest(folder: Path) -> dict:
+    return json.loads((folder / MANIFEST).read_text())
+
+
+def logged(folder: Path, key: str) -> dict[int, float]:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return {row.get("step", row.get("update")): row[key] for row in rows if key in row}
+
+
+@pytest.fixture(scope="module")
+def sft_runs(tmp_path_factory, tiny_base) -> dict[str, Path]:
+    """The same 6 SFT steps (inside one epoch) on 1 process x 8 examples, 2 x 4 (DDP) and 2 x 4 (ZeRO-2)."""
+    tmp = tmp_path_factory.mktemp("sft")
+    data = write_jsonl(tmp / "chat.jsonl", chat_rows(64))
+    args = ["--config", str(TINY), "--model", str(tiny_base), "--data", str(data), "--max_steps", "6",
+            "--logging_steps", "1"]
+    single("sft", *args, "--per_device_train_batch_size", "8", "--output_dir", str(tmp / "one"))
+    launch("ddp.yaml", "sft", *args, "--per_device_train_batch_size", "4", "--output_dir", str(tmp / "ddp"))
+    launch("zero2.yaml", "sft", *args, "--per_device_train_batch_size", "4", "--output_dir", str(tmp / "zero2"))
+    return {name: tmp / name for name in ("one", "ddp", "zero2")}
+
+
+@pytest.mark.parametrize("layout", ["ddp", "zero2"])
+def test_sft_on_two_processes_matches_one(sft_runs, layout):
+    one, two = manifest(sft_runs["one"])["metrics"], manifest(sft_runs[layout])["metrics"]
+    assert two["processes"] == 2 and two["steps"] == one["steps"] == 6
+    # Same global batches in the same order: the loss of every step agrees to float precision, which it
+    # would not if each process trained its own copy on half the data.
+    losses_one, losses_two = logged(sft_runs["one"], "loss"), logged(sft_runs[layout], "loss")
+    assert losses_one.keys() == losses_two.keys() and len(losses_one) == 6
+    for step, loss in losses_one.items():
+        assert losses_two[step] == pytest.approx(loss, rel=1e-4), step
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=2e-3)
+    assert two["eval_loss"] < two["base_eval_loss"]
+    # One checkpoint, written by the main process, loads as a plain causal LM and generates.
+    model = AutoModelForCausalLM.from_pretrained(sft_runs[layout])
+    assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False).shape == (1, 5)
+    assert len(two["samples"]) == 2 and not list(sft_runs[layout].parent.glob(f".{layout}.partial"))
+
+
+def test_rm_on_two_processes_matches_one(tmp_path, tiny_base):
+    data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(80))
+    args = ["--config", str(TINY), "--model", str(tiny_base), "--data", str(data), "--max_steps", "8"]
+    single("reward_model", *args, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one"))
+    launch("ddp.yaml", "reward_model", *args, "--per_device_train_batch_size", "2", "--output_dir",
+           str(tmp_path / "ddp"))
+    one, two = manifest(tmp_path / "one")["metrics"], manifest(tmp_path / "ddp")["metrics"]
+    assert two["processes"] == 2 and two["steps"] == one["steps"] == 8
+    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
+    assert two["eval_accuracy"] == one["eval_accuracy"] > 0.5
+    assert two["eval_margin"] == pytest.approx(one["eval_margin"], rel=1e-3)
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ddp", num_labels=1)
+    assert model.config.num_labels == 1
+
+
+@pytest.fixture(scope="module")
+def ppo_runs(tmp_path_factory, make_run) -> dict[str, Path]:
+    """Two PPO updates of 8 episodes (one minibatch, one epoch) on 1 process, 2 (DDP) and 2 (ZeRO-2)."""
+    tmp = tmp_path_factory.mktemp("ppo")
+    args = ["--config", str(TINY), "--policy", str(make_run / "sft"), "--reward_model", str(make_run / "rm"),
+            "--prompts", str(make_run / "data" / "prompts_ppo.jsonl"), "--num_updates", "2", "--ppo_epochs", "1",
+            "--rollout_batch_size", "8", "--mini_batch_size", "8", "--micro_batch_size", "2",
+            "--generation_batch_size", "4", "--eval_every", "0", "--save_every", "0"]
+    single("ppo", *args, "--output_dir", str(tmp / "one"))
+    launch("ddp.yaml", "ppo", *args, "--output_dir", str(tmp / "ddp"))
+    launch("zero2.yaml", "ppo", *args, "--output_dir", str(tmp / "zero2"))
+    return {name: tmp / name for name in ("one", "ddp", "zero2")} | {"initial": make_run / "sft"}
+
+
+@pytest.mark.parametrize("layout", ["ddp", "zero2"])
+def test_ppo_on_two_processes_matches_one(ppo_runs, layout):
+    assert manifest(ppo_runs[layout])["metrics"]["updates"] == 2
+    # Rollouts are seeded by global episode number and advantages whitened over the whole batch, so two
+    # processes sample, score and learn what one process does.
+    for key in ("reward/score", "objective/kl", "loss/value"):
+        one, two = logged(ppo_runs["one"], key), logged(ppo_runs[layout], key)
+        assert two == pytest.approx(one, rel=1e-3, abs=1e-5), key
+    initial = load_file(ppo_runs["initial"] / "model.safetensors")
+    moved = {name: load_file(ppo_runs[name] / "model.safetensors") for name in ("one", layout)}
+    step_one = torch.cat([(moved["one"][k] - initial[k]).flatten() for k in initial])
+    step_two = torch.cat([(moved[layout][k] - initial[k]).flatten() for k in initial])
+    assert step_one.norm() > 0
+    assert (step_two - step_one).norm() < 1e-3 * step_one.norm()
+    # The critic is saved beside the policy and loads as a one-logit classifier.
+    critic = AutoModelForSequenceClassification.from_pretrained(ppo_runs[layout] / "value", num_labels=1)
+    assert critic.config.num_labels == 1
