@@ -2,8 +2,11 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,24 @@ def chat_rows(n: int) -> list[dict]:
 def run_module(module: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+def kill_when(module: str, args: list[str], ready: Callable[[], bool], timeout: float = 180) -> None:
+    """Run a stage and SIGKILL it (no clean-up, as a crash or a lost machine would) once `ready()` holds."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not ready() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert ready(), f"{module} ended or timed out before the moment to kill it"
+
+
+def resumable_checkpoints(staging: Path) -> list[Path]:
+    """Whole trainer checkpoints (trainer_state.json is the last file written) in a partial folder."""
+    return [c for c in (staging / "resume").glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
 
 
 @pytest.fixture(scope="session")

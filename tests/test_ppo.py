@@ -2,11 +2,7 @@
 synthetic reward, kill-and-resume, and every input error."""
 
 import json
-import signal
 import statistics
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -26,7 +22,7 @@ from ppo.train import (
     token_logprobs,
     token_rewards,
 )
-from tests.conftest import ROOT, TINY, run_module, write_jsonl
+from tests.conftest import TINY, kill_when, run_module, write_jsonl
 
 # A learnable synthetic task: an SFT model that answers "I love it." or "I hate it." about equally often,
 # and a reward of 1 for "love". PPO should shift the policy towards "love" within a few updates.
@@ -195,14 +191,8 @@ def test_kill_and_resume_reaches_the_same_updates_and_weights(make_run, tmp_path
     straight = tmp_path / "straight"
     assert run_module("ppo", *ppo_args(make_run, straight, "--num_updates", "6")).returncode == 0
     resumed = tmp_path / "resumed"
-    command = [sys.executable, "-m", "ppo", *ppo_args(make_run, resumed, "--num_updates", "6")]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pointer = tmp_path / ".resumed.partial" / "resume" / "latest.json"
-    deadline = time.time() + 120
-    while not pointer.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_when("ppo", ppo_args(make_run, resumed, "--num_updates", "6"), pointer.exists)
     assert not (resumed / "pipeline.json").exists()  # killed: nothing looks complete
     result = run_module("ppo", *ppo_args(make_run, resumed, "--num_updates", "6"))
     assert result.returncode == 0, result.stderr[-2000:]

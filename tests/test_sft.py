@@ -1,18 +1,17 @@
 """Stage 1 on the tiny model: the loss falls, checkpoints reload and generate, the manifest says what happened."""
 
 import json
-import signal
-import subprocess
-import sys
-import time
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.checkpoint import MANIFEST, sha256_path
+from common.errors import PipelineError
 from sft.train import main as sft_main
-from tests.conftest import ROOT, TINY, chat_rows, write_jsonl
+from tests.conftest import TINY, chat_rows, kill_when, resumable_checkpoints, run_module, write_jsonl
 
 
 def train_tiny(tmp_path, tiny_base, *extra: str, steps: int = 15):
@@ -101,21 +100,49 @@ def test_lora_unmerged_keeps_adapter_with_base_recorded(tmp_path, tiny_base):
     assert isinstance(reply(output), str)
 
 
-def test_kill_leaves_nothing_complete_and_rerun_trains(tmp_path, tiny_base):
+def test_kill_and_rerun_resumes_to_the_same_result(tmp_path, tiny_base):
     data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(80))
-    output = tmp_path / "sft"
-    args = [sys.executable, "-m", "sft", "--config", str(TINY), "--model", str(tiny_base), "--data", str(data),
-            "--output_dir", str(output)]
-    process = subprocess.Popen([*args, "--max_steps", "400"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    staging = tmp_path / ".sft.partial"
-    deadline = time.time() + 120
-    while not (staging / "metrics.jsonl").exists() and time.time() < deadline:
-        time.sleep(0.5)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert staging.exists() and not output.exists()
-    rerun = subprocess.run([*args, "--max_steps", "4"], cwd=ROOT, capture_output=True, text=True)
+    args = ["--config", str(TINY), "--model", str(tiny_base), "--data", str(data), "--max_steps", "24",
+            "--save_steps", "4", "--logging_steps", "1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_module("sft", *args, "--output_dir", str(straight)).returncode == 0
+    staging = tmp_path / ".resumed.partial"
+    kill_when("sft", [*args, "--output_dir", str(resumed)], lambda: len(resumable_checkpoints(staging)) >= 2)
+    assert staging.exists() and not resumed.exists()  # killed: nothing looks complete
+
+    rerun = run_module("sft", *args, "--output_dir", str(resumed))
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert json.loads((output / MANIFEST).read_text())["metrics"]["steps"] == 4
-    assert not staging.exists()
+    assert "resuming from" in rerun.stdout
+    metrics = json.loads((resumed / MANIFEST).read_text())["metrics"]
+    assert metrics["steps"] == 24 and metrics["resumed_from_step"] >= 8
+    # Every step is logged once: the steps after the checkpoint ran again and replaced their old rows.
+    steps = [row["step"] for row in map(json.loads, (resumed / "metrics.jsonl").read_text().splitlines())
+             if "loss" in row]
+    assert steps == list(range(1, 25))
+    # Weights, optimizer, scheduler, data order and RNG come back: the same run as one without the kill.
+    expected = json.loads((straight / MANIFEST).read_text())["metrics"]
+    assert metrics["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-4)
+    assert metrics["base_eval_loss"] == pytest.approx(expected["base_eval_loss"], rel=1e-6)
+    assert not staging.exists() and not (resumed / "resume").exists()
+
+
+def test_diverging_run_stops_with_one_line_and_keeps_no_bad_checkpoint(tmp_path, tiny_base):
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(40))
+    result = run_module("sft", "--config", str(TINY), "--model", str(tiny_base), "--data", str(data),
+                        "--output_dir", str(tmp_path / "sft"), "--max_steps", "12", "--save_steps", "1",
+                        "--learning_rate", "1e30")
+    assert result.returncode == 2
+    assert "error: sft: non-finite" in result.stderr and "training diverged" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "sft").exists()
+    for checkpoint in resumable_checkpoints(tmp_path / ".sft.partial"):
+        weights = load_file(checkpoint / "model.safetensors")
+        assert all(torch.isfinite(tensor).all() for tensor in weights.values()), checkpoint.name
+
+
+def test_full_disk_is_reported_before_training(tmp_path, tiny_base, monkeypatch):
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(8))
+    monkeypatch.setattr("shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10 * 2**30, 10 * 2**30, 2**20))
+    with pytest.raises(PipelineError, match=r"has 0.0 GiB free, but this stage writes about 0.\d GiB"):
+        sft_main(["--config", str(TINY), "--model", str(tiny_base), "--data", str(data),
+                  "--output_dir", str(tmp_path / "sft")])
+    assert not (tmp_path / "sft").exists() and not (tmp_path / ".sft.partial").exists()
