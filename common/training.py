@@ -13,6 +13,7 @@ import torch
 from accelerate import PartialState
 from peft import LoraConfig, PeftModel
 from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from common.checkpoint import RESUME, StagedOutput
 from common.distributed import open_output
@@ -100,8 +101,11 @@ def open_for_training(output: StagedOutput, state: PartialState, print_: str, mo
     resume = None
     if stamp.is_file() and stamp.read_text() == print_:
         # trainer_state.json is the last file the trainer writes into a checkpoint: its presence means whole.
-        complete = [c for c in folder.glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
-        resume = max(complete, key=lambda c: int(c.name.split("-")[1]), default=None)
+        # The final step's checkpoint is no place to resume: the trainer would take one step too many.
+        states = {c: json.loads((c / "trainer_state.json").read_text()) for c in folder.glob("checkpoint-*")
+                  if (c / "trainer_state.json").is_file()}
+        usable = [c for c, saved in states.items() if saved["global_step"] < saved["max_steps"]]
+        resume = max(usable, key=lambda c: states[c]["global_step"], default=None)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # The final weights, plus two trainer checkpoints of weights and AdamW's two fp32 moments.
@@ -152,6 +156,9 @@ def save_trained_model(trainer: Trainer, staging: Path, options: TrainerOptions,
     others). The trainer's save gathers ZeRO-3/FSDP shards into one plain checkpoint; a LoRA adapter is
     merged into the `initial` weights unless `merge` is off. Reloading proves the folder loads."""
     trainer.save_model(str(staging))
+    # Training is over: models loaded from here on are whole, not built as ZeRO-3 shards (which would wait
+    # for the other processes to load their share too).
+    unset_hf_deepspeed_config()
     if not trainer.is_world_process_zero():
         return None
     (staging / "training_args.bin").unlink(missing_ok=True)

@@ -42,6 +42,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler, set_seed
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from common.checkpoint import (
     RESUME,
@@ -673,6 +674,9 @@ def main(argv: list[str] | None = None) -> None:
         accelerator.state.deepspeed_plugin.deepspeed_config.update(
             {"train_micro_batch_size_per_gpu": config.micro_batch_size, "gradient_accumulation_steps": accumulation,
              "gradient_clipping": config.max_grad_norm})
+        # Models load whole (accelerate asked transformers to build them as ZeRO-3 shards): prepare() shards
+        # the two trained ones; the frozen reference and reward models stay whole, outside any engine.
+        unset_hf_deepspeed_config()
     device, main_process = accelerator.device, accelerator.is_main_process
 
     # Validate everything before any work or any output.
@@ -731,7 +735,9 @@ def main(argv: list[str] | None = None) -> None:
                       f"{config.policy} -> {config.output_dir}")
     eval_initial = None
     if progress.update == 0 and config.eval_every:
-        eval_initial = evaluate(unwrapped, reference, tokenizer, sources, judge, eval_prompts, eval_ids, config, device)
+        with whole_weights(accelerator, model):
+            eval_initial = evaluate(unwrapped, reference, tokenizer, sources, judge, eval_prompts, eval_ids, config,
+                                    device)
         log.log(0, eval_initial)
     def across_processes(sums: torch.Tensor) -> torch.Tensor:
         return accelerator.reduce(sums, reduction="sum")
@@ -757,10 +763,10 @@ def main(argv: list[str] | None = None) -> None:
         prompts, prompt_ids = [train_prompts[i] for i in batch_index], [train_ids[i] for i in batch_index]
 
         # 1. Rollout.
-        with gathered_for_generation(accelerator, model):
+        with whole_weights(accelerator, model):
             rollout = sample_replies(unwrapped.policy, tokenizer, prompt_ids, config, device,
                                      seed=config.seed * 1_000_003 + first + rank_rows.start)
-        score_rollout(unwrapped, reference, rollout, config)
+            score_rollout(unwrapped, reference, rollout, config)
         # 2. Rewards.
         scores, per_source, _ = score_replies(sources, tokenizer, prompts, prompt_ids, rollout, config)
         mask = rollout.reply_mask
@@ -832,8 +838,9 @@ def main(argv: list[str] | None = None) -> None:
                         "episodes_per_second": config.rollout_batch_size / (time.time() - tick)})
         progress.update = update + 1
         if config.eval_every and (progress.update % config.eval_every == 0 or progress.update == config.num_updates):
-            metrics.update(evaluate(unwrapped, reference, tokenizer, sources, judge, eval_prompts, eval_ids, config,
-                                    device))
+            with whole_weights(accelerator, model):
+                metrics.update(evaluate(unwrapped, reference, tokenizer, sources, judge, eval_prompts, eval_ids,
+                                        config, device))
         log.log(progress.update, metrics)
         bar.set_postfix(reward=f"{metrics['reward/score']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
         # Checked before saving, so the newest checkpoint is always a good one.
@@ -873,8 +880,9 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.wait_for_everyone()
 
 
-def gathered_for_generation(accelerator: Accelerator, model: torch.nn.Module):
-    """Under DeepSpeed ZeRO-3 each process holds a shard of the weights; generation needs them whole."""
+def whole_weights(accelerator: Accelerator, model: torch.nn.Module):
+    """Under DeepSpeed ZeRO-3 each process holds a shard of the weights; sampling and the forward passes
+    outside the engine (rollout scoring, evaluation) need them whole on every process for a while."""
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None and plugin.zero_stage == 3:
         import deepspeed

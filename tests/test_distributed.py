@@ -1,5 +1,6 @@
-"""Real multi-process launches on this CPU: SFT, RM and PPO on 2 processes (DDP over gloo) and SFT and PPO under
-DeepSpeed ZeRO-2, each compared with the same work on 1 process; the checkpoints reload as plain models."""
+"""Real multi-process launches on this CPU: SFT, RM and PPO on 2 processes (DDP over gloo), SFT and PPO under
+DeepSpeed ZeRO-2 and PPO under ZeRO-3, each compared with the same work on 1 process; the checkpoints reload
+as plain models."""
 
 import json
 import os
@@ -90,7 +91,8 @@ def test_rm_on_two_processes_matches_one(tmp_path, tiny_base):
 
 @pytest.fixture(scope="module")
 def ppo_runs(tmp_path_factory, make_run) -> dict[str, Path]:
-    """Two PPO updates of 8 episodes (one minibatch, one epoch) on 1 process, 2 (DDP) and 2 (ZeRO-2)."""
+    """Two PPO updates of 8 episodes (one minibatch, one epoch) on 1 process, 2 (DDP), 2 (ZeRO-2) and 2 (ZeRO-3:
+    weights sharded, gathered for sampling and for saving)."""
     tmp = tmp_path_factory.mktemp("ppo")
     args = ["--config", str(TINY), "--policy", str(make_run / "sft"), "--reward_model", str(make_run / "rm"),
             "--prompts", str(make_run / "data" / "prompts_ppo.jsonl"), "--num_updates", "2", "--ppo_epochs", "1",
@@ -99,10 +101,11 @@ def ppo_runs(tmp_path_factory, make_run) -> dict[str, Path]:
     single("ppo", *args, "--output_dir", str(tmp / "one"))
     launch("ddp.yaml", "ppo", *args, "--output_dir", str(tmp / "ddp"))
     launch("zero2.yaml", "ppo", *args, "--output_dir", str(tmp / "zero2"))
-    return {name: tmp / name for name in ("one", "ddp", "zero2")} | {"initial": make_run / "sft"}
+    launch("zero3.yaml", "ppo", *args, "--output_dir", str(tmp / "zero3"))
+    return {name: tmp / name for name in ("one", "ddp", "zero2", "zero3")} | {"initial": make_run / "sft"}
 
 
-@pytest.mark.parametrize("layout", ["ddp", "zero2"])
+@pytest.mark.parametrize("layout", ["ddp", "zero2", "zero3"])
 def test_ppo_on_two_processes_matches_one(ppo_runs, layout):
     assert manifest(ppo_runs[layout])["metrics"]["updates"] == 2
     # Rollouts are seeded by global episode number and advantages whitened over the whole batch, so two
