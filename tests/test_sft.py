@@ -1,5 +1,6 @@
 """Stage 1 on the tiny model: the loss falls, checkpoints reload and generate, the manifest says what happened."""
 
+import errno
 import json
 import shutil
 
@@ -9,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.checkpoint import MANIFEST, sha256_path
-from common.errors import PipelineError
+from common.errors import PipelineError, run_cli
 from sft.train import main as sft_main
 from tests.conftest import TINY, chat_rows, kill_when, resumable_checkpoints, run_module, write_jsonl
 
@@ -146,3 +147,24 @@ def test_full_disk_is_reported_before_training(tmp_path, tiny_base, monkeypatch)
         sft_main(["--config", str(TINY), "--model", str(tiny_base), "--data", str(data),
                   "--output_dir", str(tmp_path / "sft")])
     assert not (tmp_path / "sft").exists() and not (tmp_path / ".sft.partial").exists()
+
+
+def test_unwritable_output_is_reported_before_training(tmp_path, tiny_base, monkeypatch):
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(8))
+    monkeypatch.setattr("os.access", lambda path, mode: False)  # as root, chmod alone would not stop a write
+    with pytest.raises(PipelineError, match=f"output folder {tmp_path} is not writable"):
+        sft_main(["--config", str(TINY), "--model", str(tiny_base), "--data", str(data),
+                  "--output_dir", str(tmp_path / "sft")])
+    assert not (tmp_path / ".sft.partial").exists()
+
+
+def test_disk_full_while_writing_is_one_line(capsys):
+    def fill_the_disk(argv):
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/x/.sft.partial/model.safetensors")
+
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(fill_the_disk)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: cannot write runs/x/.sft.partial/model.safetensors: No space left on device; free space or fix "
+        "permissions, then run again (a stage resumes from its last checkpoint)"]
