@@ -75,7 +75,9 @@ def parse_ranking(value: object, k: int) -> list[int] | None:
             value = [int(part) for part in value.replace(" ", "").strip("[]").split(",")]
         except ValueError:
             raise RowError(f"ranking {value!r} is not a list of response numbers like 3,1,4,2") from None
-    if not isinstance(value, list) or sorted(value) != list(range(1, k + 1)):
+    # Only ints: floats and bools compare equal to numbers but must not index responses, strings break sorted().
+    if not isinstance(value, list) or not all(type(number) is int for number in value) \
+            or sorted(value) != list(range(1, k + 1)):
         raise RowError(f"ranking {value!r} must list each of the response numbers 1..{k} once, best first")
     return [number - 1 for number in value]
 
@@ -88,14 +90,15 @@ def import_rankings(candidates: list[dict], path: str) -> list[dict]:
             identifier = int(row.get("id"))
             if not 0 <= identifier < len(candidates):
                 raise ValueError
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int() of an Infinity id
             problems.append(f"{location}: id {row.get('id')!r} is not one of the exported ids 0..{len(candidates) - 1}")
             continue
         original = candidates[identifier]
         k = len(original["responses"])
         responses = row.get("responses") or [row.get(f"response_{i}") for i in range(1, k + 1)]
         try:
-            if not same_text([row.get("prompt"), *responses], [original["prompt"], *original["responses"]]):
+            if not isinstance(responses, list) or \
+                    not same_text([row.get("prompt"), *responses], [original["prompt"], *original["responses"]]):
                 raise RowError(f"prompt or responses differ from exported id {identifier}; edit only the ranking")
             order = parse_ranking(row.get("ranking"), k)
         except RowError as err:

@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 from common.errors import PipelineError
-from data.tables import Table, raise_first_problem, read_table
+from data.tables import Table, parse_json, raise_first_problem, read_table
 
 Message = dict[str, str]
 
@@ -41,7 +41,7 @@ def parse_hh_transcript(text: str) -> list[Message]:
 def normalise_messages(value: Any, field: str) -> list[Message]:
     if isinstance(value, str):
         try:  # CSV cells carry lists as JSON text
-            value = json.loads(value)
+            value = parse_json(value)
         except json.JSONDecodeError:
             raise RowError(f"'{field}' must be a list of messages (in CSV: JSON text)") from None
     if not isinstance(value, list) or not value:
@@ -52,7 +52,7 @@ def normalise_messages(value: Any, field: str) -> list[Message]:
             raise RowError(f"message {index} of '{field}' is not an object with role and content")
         role = item.get("role", item.get("from"))
         content = item.get("content", item.get("value"))
-        if role not in ROLE_ALIASES:
+        if not isinstance(role, str) or role not in ROLE_ALIASES:  # a list or object role is not even hashable
             raise RowError(f"message {index} has role {role!r}; use system, user or assistant")
         if not isinstance(content, str):
             raise RowError(f"message {index} has no text content")

@@ -12,6 +12,7 @@ Optional: `finished` (ranked rows, one bool per response) or `chosen_finished`/`
 mark a reply cut off at the length limit (False); the reward model then sees it without an end-of-turn token.
 """
 
+import math
 from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
@@ -54,6 +55,17 @@ def split_dialogue(messages: list[Message], field: str) -> tuple[list[Message], 
     if not messages or messages[-1]["role"] != "assistant":
         raise RowError(f"'{field}' must end with an assistant reply")
     return messages[:-1], messages[-1]["content"]
+
+
+def finite_scores(scores: list[int | float]) -> list[float] | None:
+    """The scores as floats, or None if one is NaN, infinite or beyond float range, or two are so far apart that
+    their margin is. JSON admits all of these; such a margin would reach the reward model's loss unnoticed."""
+    try:
+        floats = [float(s) for s in scores]
+    except OverflowError:  # an integer beyond float range
+        return None
+    finite = all(math.isfinite(s) for s in floats) and math.isfinite(max(floats) - min(floats))
+    return floats if finite else None
 
 
 def ranking_pairs(order: list[int], scores: list[float] | None, min_margin: float) -> list[tuple[int, int, float]]:
@@ -126,10 +138,16 @@ def ranked_row(row: dict[str, Any], name, min_margin: float) -> Expanded:
         if not isinstance(scores, list) or len(scores) != k or \
                 not all(isinstance(s, int | float) and not isinstance(s, bool) for s in scores):
             raise RowError(f"'{name('scores')}' must be a list of {k} numbers, one per response")
+        floats = finite_scores(scores)
+        if floats is None:
+            raise RowError(f"'{name('scores')}' {scores!r} must be finite numbers (no NaN or Infinity, and margins "
+                           "within float range)")
+        scores = floats
         order = sorted(range(k), key=lambda i: -scores[i])
     else:
         order = row.get(name("ranking"))
-        if not isinstance(order, list) or sorted(order) != list(range(k)):
+        # Only ints index the responses; a float or a string would pass the sorted() comparison or break it.
+        if not isinstance(order, list) or not all(type(i) is int for i in order) or sorted(order) != list(range(k)):
             raise RowError(f"'{name('ranking')}' {order!r} is not a permutation of 0..{k - 1} "
                            "(response indices, best first)")
     finished = row.get(name("finished"))

@@ -26,14 +26,32 @@ class Table:
         return sorted({key for row in self.rows for key in row})
 
 
+# UTF-8, with or without the byte-order mark that spreadsheet programs put in front of "CSV UTF-8" exports.
+TEXT = "utf-8-sig"
+
+
+def parse_json(text: str) -> Any:
+    """json.loads, where the two inputs it refuses without a JSONDecodeError raise one too, so that callers report
+    them like any malformed JSON: integers beyond Python's int-conversion limit (4300 digits; a ValueError) and
+    nesting deeper than the recursion limit. Neither is real data; both are a broken file."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except ValueError:
+        raise json.JSONDecodeError("a number with too many digits", text, 0) from None
+    except RecursionError:
+        raise json.JSONDecodeError("lists or objects nested too deeply", text, 0) from None
+
+
 def _read_jsonl(path: Path) -> Table:
     rows, locations = [], []
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding=TEXT) as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = parse_json(line)
             except json.JSONDecodeError as err:
                 raise PipelineError(
                     f"{path}:{number}:{err.colno}: malformed JSON ({err.msg}); each line must be one JSON object"
@@ -47,7 +65,7 @@ def _read_jsonl(path: Path) -> Table:
 
 def _read_json(path: Path) -> Table:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = parse_json(path.read_text(encoding=TEXT))
     except json.JSONDecodeError as err:
         raise PipelineError(f"{path}:{err.lineno}:{err.colno}: malformed JSON ({err.msg}); fix the file") from None
     if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
@@ -58,7 +76,7 @@ def _read_json(path: Path) -> Table:
 
 def _read_csv(path: Path) -> Table:
     rows, locations = [], []
-    with path.open(encoding="utf-8", newline="") as handle:
+    with path.open(encoding=TEXT, newline="") as handle:
         reader = csv.DictReader(handle)
         try:
             for row in reader:
@@ -79,7 +97,9 @@ def _read_parquet(path: Path) -> Table:
     try:
         rows = pq.read_table(path).to_pylist()
     except (ArrowException, OSError) as err:
-        raise PipelineError(f"{path}: not a readable Parquet file ({err}); re-export it") from None
+        # Arrow's messages span several lines; the user gets one.
+        reason = " ".join(str(err).split())
+        raise PipelineError(f"{path}: not a readable Parquet file ({reason}); re-export it") from None
     return Table(str(path), rows, [f"{path} row {i}" for i in range(len(rows))])
 
 
@@ -127,6 +147,8 @@ def read_table(source: str) -> Table:
             table = readers[suffix](path)
         except UnicodeDecodeError as err:
             raise PipelineError(f"{source}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from None
+        except OSError as err:
+            raise PipelineError(f"{source}: cannot be read ({err.strerror}); check its permissions") from None
     elif suffix in FILE_TYPES or source.startswith((".", "/", "~")):
         raise PipelineError(f"{source}: file not found; check the path")
     else:
