@@ -1,4 +1,5 @@
-"""Real multi-process launches on this CPU: SFT, RM and PPO on 2 processes (DDP over gloo), SFT and PPO under
+"""Real multi-process launches on this CPU: SFT, RM (through `make ... NUM_PROCESSES=2`) and PPO on
+2 processes (DDP over gloo), SFT and PPO under
 DeepSpeed ZeRO-2 and PPO under ZeRO-3, each compared with the same work on 1 process; the checkpoints reload
 as plain models."""
 
@@ -74,18 +75,26 @@ def test_sft_on_two_processes_matches_one(sft_runs, layout):
     assert len(two["samples"]) == 2 and not list(sft_runs[layout].parent.glob(f".{layout}.partial"))
 
 
-def test_rm_on_two_processes_matches_one(tmp_path, tiny_base):
-    data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(80))
-    args = ["--config", str(TINY), "--model", str(tiny_base), "--data", str(data), "--max_steps", "8"]
-    single("reward_model", *args, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one"))
-    launch("ddp.yaml", "reward_model", *args, "--per_device_train_batch_size", "2", "--output_dir",
-           str(tmp_path / "ddp"))
-    one, two = manifest(tmp_path / "one")["metrics"], manifest(tmp_path / "ddp")["metrics"]
-    assert two["processes"] == 2 and two["steps"] == one["steps"] == 8
+def test_make_sft_and_rm_on_two_processes(tmp_path, tiny_base):
+    """`make rm NUM_PROCESSES=2` as a user types it: SFT and RM both launched on 2 processes; the RM matches
+    one process trained on the same SFT checkpoint with the same global batch (2 prompts per step)."""
+    chat = write_jsonl(tmp_path / "chat.jsonl", chat_rows(64))
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(80))
+    run = tmp_path / "run"
+    result = subprocess.run(["make", "rm", f"CONFIG={TINY}", f"RUN={run}", f"BASE_MODEL={tiny_base}",
+                             f"SFT_DATA={chat}", f"PREFS={prefs}", "NUM_PROCESSES=2",
+                             "ARGS=--per_device_train_batch_size 1"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 -m sft" in result.stdout
+    single("reward_model", "--config", str(TINY), "--model", str(run / "sft"), "--data", str(prefs),
+           "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "one"))
+    assert manifest(run / "sft")["metrics"]["processes"] == 2
+    one, two = manifest(tmp_path / "one")["metrics"], manifest(run / "rm")["metrics"]
+    assert two["processes"] == 2 and two["steps"] == one["steps"] == 16
     assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
     assert two["eval_accuracy"] == one["eval_accuracy"] > 0.5
     assert two["eval_margin"] == pytest.approx(one["eval_margin"], rel=1e-3)
-    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ddp", num_labels=1)
+    model = AutoModelForSequenceClassification.from_pretrained(run / "rm", num_labels=1)
     assert model.config.num_labels == 1
 
 
