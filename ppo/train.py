@@ -5,7 +5,8 @@ Usage:
     python -m ppo --config configs/default.yaml --prompts my_prompts.jsonl --output_dir runs/mine/ppo
     python -m ppo --config configs/default.yaml --extra_rewards "data.judges:gold_judge=0.5"
     python -m ppo --config configs/default.yaml --use_lora true                  # reference = adapter off
-    accelerate launch --num_processes 2 -m ppo --config configs/default.yaml      # several processes
+    make ppo NUM_PROCESSES=2                                                     # 2 processes (DDP)
+    make ppo ACCELERATE_CONFIG=configs/accelerate/zero3.yaml NUM_PROCESSES=8     # DeepSpeed ZeRO-3
     make ppo                   # after make rm;  make ppo PROMPTS=my_prompts.jsonl for your own prompts
 
 One update, as in Huang et al. 2024 ("The N+ implementation details of RLHF with PPO"):

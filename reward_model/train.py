@@ -6,12 +6,14 @@ Usage:
     python -m reward_model --config configs/default.yaml --use_lora true         # LoRA (merged on save)
     make rm                    # make prefs first, then this
     make rm PREFS=my_prefs.jsonl
+    make rm ACCELERATE_CONFIG=configs/accelerate/zero2.yaml NUM_PROCESSES=2   # DeepSpeed ZeRO-2
 
 Reads any preference shape `data.preferences` accepts (pairs, chat, HH transcripts, rankings/scores),
 holds out pairs by prompt (no prompt is in both splits), trains a one-logit sequence classifier whose
 score is read at the last real token, and reports held-out pairwise accuracy, mean chosen/rejected
 score and margin, plus the reward mean/std over its training responses (PPO normalises with them).
-Writes `output_dir` per the checkpoint contract; a rerun with unchanged inputs does nothing.
+Writes `output_dir` per the checkpoint contract; a rerun with unchanged inputs does nothing, a rerun after
+a kill resumes from the last trainer checkpoint.
 """
 
 import hashlib

@@ -5,11 +5,14 @@ Usage:
     python -m sft --config configs/default.yaml --data my_chats.jsonl --output_dir runs/mine/sft
     python -m sft --config configs/default.yaml --use_lora true --merge false  # keep a LoRA adapter
     make sft SFT_DATA=my_chats.jsonl BASE_MODEL=path/or/hub-id
+    make sft NUM_PROCESSES=2                                                   # DDP, 2 processes
+    make sft ACCELERATE_CONFIG=configs/accelerate/zero3.yaml NUM_PROCESSES=8   # DeepSpeed ZeRO-3
 
 Reads any SFT data shape `data.chat` accepts, holds out an eval split (or takes `eval_data`), measures
 the base model's eval loss, trains, measures again, and writes `output_dir` per the checkpoint
 contract: a plain transformers checkpoint (a LoRA adapter is merged unless `merge: false`), metrics in
-TensorBoard and `metrics.jsonl`, and `pipeline.json`. A rerun with unchanged inputs does nothing.
+TensorBoard and `metrics.jsonl`, and `pipeline.json`. A rerun with unchanged inputs does nothing; a rerun
+after a kill resumes from the last trainer checkpoint (every `save_steps` steps).
 """
 
 import math
