@@ -136,7 +136,7 @@ class StopOnNonFinite(TrainerCallback):
 
     def stop(self, what: str, step: int, output_dir: str) -> None:
         raise PipelineError(f"{self.stage}: non-finite {what} at step {step}: training diverged; lower learning_rate "
-                            f"or check the data; the last good checkpoint is kept in {output_dir}")
+                            f"or check the data; checkpoints (if any) in {output_dir} hold only earlier steps")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         for key in ("loss", "grad_norm"):

@@ -846,9 +846,9 @@ def main(argv: list[str] | None = None) -> None:
         bar.set_postfix(reward=f"{metrics['reward/score']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
         # Checked before saving, so the newest checkpoint is always a good one.
         if not all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)):
-            raise PipelineError(f"ppo: non-finite metrics at update {progress.update} (loss or reward diverged); lower "
-                                f"learning_rate or check the reward sources; the last good checkpoint is kept in "
-                                f"{staging / RESUME}")
+            raise PipelineError(f"ppo: non-finite metrics at update {progress.update} (loss or reward diverged); "
+                                "lower learning_rate or check the reward sources; checkpoints (if any) in "
+                                f"{staging / RESUME} hold only earlier updates")
         if config.save_every and progress.update % config.save_every == 0 and progress.update < config.num_updates:
             save_checkpoint(accelerator, staging, progress.update, print_)
 

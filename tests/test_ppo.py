@@ -256,3 +256,10 @@ def test_ppo_ptx_adds_an_sft_loss(make_run, tmp_path):
                   "--num_updates", "1", "--save_every", "0"))
     row = json.loads((output / "metrics.jsonl").read_text().splitlines()[1])
     assert 0 < row["loss/ptx"] < 20  # cross-entropy of the tiny model on chat text, vocabulary ln(49152) = 10.8
+
+
+def test_diverging_run_stops_with_one_line(make_run, tmp_path):
+    result = run_module("ppo", *ppo_args(make_run, tmp_path / "ppo", "--learning_rate", "1e30", "--num_updates", "2"))
+    assert result.returncode == 2
+    assert "error: ppo: non-finite metrics at update 1" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "ppo").exists()
