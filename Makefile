@@ -7,7 +7,7 @@
 #   make eval       base vs SFT vs PPO on held-out prompts: $(RUN)/eval/report.md (CHECKPOINTS=, EVAL_PROMPTS=)
 #   make score      score DATA=replies.jsonl (or pairs) with the reward model (REWARD_MODEL= another)
 #   make prefs-export / prefs-import   human labelling: ANNOTATE=file.csv|.jsonl out to annotators and back
-#   make bench      benchmarks: our PPO against trl 1.12's PPOTrainer (episodes/s, peak memory, ratios)
+#   make bench      benchmarks: SFT/RM tokens/s vs plain trl, PPO vs trl 1.12, peak memory, FLOP/s vs matmul peak
 #   make test       the test suite (what .ci/run calls)
 # Every target takes CONFIG=configs/<name>.yaml and RUN=runs/<name>; ARGS="--option value" goes to the
 # stage named on the command line only. A stage whose inputs did not change is skipped by the stage

@@ -3,7 +3,7 @@
 Usage:
     python bench/ppo_vs_trl.py                       # full fine-tune and LoRA, 3 repeats each
     python bench/ppo_vs_trl.py --repeats 1 --updates 2
-    make bench
+    make bench                                       # this and the other benchmarks: bench/run_all.py
 
 Both do the same work: the tiny model of configs/tiny.yaml (its base as policy and reference, the same
 weights with a one-logit head as reward model and critic), the same prompts, rollout/minibatch/micro-batch
@@ -17,24 +17,14 @@ bench/results_ppo.json.
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
 import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-WORK = ROOT / "bench" / "work"
+from harness import ROOT, TINY, WORK, medians, peak_rss_of, run
+
 TRL_VENV = ROOT / "bench" / ".venv-trl112"
-TINY = ROOT / "configs" / "tiny.yaml"
-
-
-def run(command: list[str], **kwargs) -> None:
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, **kwargs)
-    if result.returncode:
-        sys.exit(f"bench: {' '.join(command[:4])} ... failed:\n{result.stdout[-2000:]}{result.stderr[-3000:]}")
 
 
 def prepare_models() -> None:
@@ -60,19 +50,6 @@ def prepare_trl_venv() -> Path:
         run([str(python), "-m", "pip", "install", "--quiet", "trl==1.12.0", *pins])
         (TRL_VENV / ".ready").touch()
     return python
-
-
-def peak_rss_of(command: list[str]) -> tuple[str, float]:
-    """Run a command; its stdout and its peak resident memory in MiB (from wait4, this child only)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err,
-                                   env={**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"})
-        _, status, usage = os.wait4(process.pid, 0)
-        out.seek(0), err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if os.waitstatus_to_exitcode(status):
-        sys.exit(f"bench: {' '.join(command[:4])} ... failed:\n{stderr[-3000:]}")
-    return stdout, usage.ru_maxrss / 1024
 
 
 def ours(settings: dict, lora: bool) -> dict:
@@ -102,12 +79,8 @@ def trl(python: Path, settings: dict, lora: bool) -> dict:
     return {"episodes_per_second": result["episodes"] / result["seconds"], "peak_mib": peak}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--updates", type=int, default=4)
-    parser.add_argument("--output", default=str(ROOT / "bench" / "results_ppo.json"))
-    options = parser.parse_args()
+def benchmark(repeats: int, updates: int) -> dict:
+    """Both modes (full fine-tune, LoRA), `repeats` alternating runs of each side: settings, runs, medians, ratios."""
     prepare_models()
     python = prepare_trl_venv()
 
@@ -125,27 +98,30 @@ def main() -> None:
         "policy": str(WORK / "base"), "reward_model": str(WORK / "rm"), "prompts": str(prompt_file),
         # Our stage holds out its last prompt for evaluation (switched off here); trl gets the other 256.
         "prompt_ids": [prompt_input_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts[:-1]],
-        "pad_token": tokenizer.pad_token, "updates": options.updates, "rollout_batch_size": 16,
+        "pad_token": tokenizer.pad_token, "updates": updates, "rollout_batch_size": 16,
         "mini_batch_size": 16, "micro_batch_size": 4, "generation_batch_size": 16, "ppo_epochs": 4,
         "max_new_tokens": 24, "temperature": 0.7, "learning_rate": 3e-6, "kl_coef": 0.05,
         "missing_eos_penalty": 1.0, "gradient_checkpointing": False, "seed": 0,
     }
     results = {"settings": {k: v for k, v in settings.items() if k != "prompt_ids"}, "modes": {}}
-    print(f"bench: {options.repeats} repeats x {options.updates} updates x {settings['rollout_batch_size']} episodes, "
-          "tiny model, CPU")
+    print(f"bench: PPO, {repeats} repeats x {updates} updates x {settings['rollout_batch_size']} episodes, "
+          "tiny model, ours against trl 1.12")
     for mode, lora in (("full", False), ("lora", True)):
         runs = {"ours": [], "trl": []}
-        for repeat in range(options.repeats):
+        for repeat in range(repeats):
             runs["ours"].append(ours(settings, lora))
             runs["trl"].append(trl(python, settings, lora))
             print(f"  {mode} repeat {repeat + 1}: ours {runs['ours'][-1]}, trl 1.12 {runs['trl'][-1]}")
-        median = {side: {key: statistics.median(r[key] for r in rs) for key in ("episodes_per_second", "peak_mib")}
-                  for side, rs in runs.items()}
+        median = {side: medians(side_runs, ("episodes_per_second", "peak_mib")) for side, side_runs in runs.items()}
         results["modes"][mode] = {
             "runs": runs, "median": median,
             "speed_ratio": median["ours"]["episodes_per_second"] / median["trl"]["episodes_per_second"],
             "memory_ratio": median["ours"]["peak_mib"] / median["trl"]["peak_mib"],
         }
+    return results
+
+
+def print_table(results: dict) -> None:
     print("\n| mode | ours episodes/s | trl 1.12 episodes/s | speed ratio | ours peak MiB | trl 1.12 peak MiB | "
           "memory ratio |\n| --- | --- | --- | --- | --- | --- | --- |")
     for mode, result in results["modes"].items():
@@ -153,6 +129,16 @@ def main() -> None:
         print(f"| {mode} | {m['ours']['episodes_per_second']:.2f} | {m['trl']['episodes_per_second']:.2f} | "
               f"{result['speed_ratio']:.2f}x | {m['ours']['peak_mib']:.0f} | {m['trl']['peak_mib']:.0f} | "
               f"{result['memory_ratio']:.2f}x |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--updates", type=int, default=4)
+    parser.add_argument("--output", default=str(ROOT / "bench" / "results_ppo.json"))
+    options = parser.parse_args()
+    results = benchmark(options.repeats, options.updates)
+    print_table(results)
     Path(options.output).write_text(json.dumps(results, indent=2) + "\n")
     print(f"bench: wrote {options.output}")
 
