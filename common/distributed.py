@@ -28,6 +28,15 @@ def start_processes() -> PartialState:
     os.environ["ACCELERATE_USE_CPU"] = "true"  # read again by the trainers' own AcceleratorState
     return PartialState(cpu=True)
 
+def output_bytes(networks: list[torch.nn.Module], resumable: bool) -> int:
+    """A stage's estimate of what it writes: the final weights, plus (when it checkpoints for resuming) two
+    checkpoints of the weights and AdamW's two fp32 moments of the trained ones."""
+    parameters = [p for network in networks for p in network.parameters()]
+    weights = sum(p.numel() * p.element_size() for p in parameters)
+    trainable = sum(p.numel() for p in parameters if p.requires_grad)
+    return weights + (2 * (weights + 8 * trainable) if resumable else 0)
+
+
 def open_output(output: StagedOutput, state: PartialState, keep: bool = False, need_bytes: int = 0) -> Path:
     """The staging folder, created (or kept for a resume) by the main process; every process gets its path.
     Every process checks the destination first, so a bad one stops them all rather than leaving the

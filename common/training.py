@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from common.checkpoint import RESUME, StagedOutput
-from common.distributed import open_output
+from common.distributed import open_output, output_bytes
 from common.errors import PipelineError
 from common.modeling import choose_precision
 
@@ -106,16 +106,13 @@ def open_for_training(output: StagedOutput, state: PartialState, print_: str, mo
                   if (c / "trainer_state.json").is_file()}
         usable = [c for c, saved in states.items() if saved["global_step"] < saved["max_steps"]]
         resume = max(usable, key=lambda c: states[c]["global_step"], default=None)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    # The final weights, plus two trainer checkpoints of weights and AdamW's two fp32 moments.
-    need = weights + (2 * (weights + 8 * trainable) if options.save_steps else 0)
+    need = output_bytes([model], resumable=bool(options.save_steps))
     staging = open_output(output, state, keep=resume is not None, need_bytes=need)
     if state.is_main_process:
         folder.mkdir(exist_ok=True)
         stamp.write_text(print_)
         if resume is not None:
-            drop_metrics_after(staging / "metrics.jsonl", json.loads((resume / "trainer_state.json").read_text()))
+            drop_metrics_after(staging / "metrics.jsonl", states[resume])
     return staging, str(resume) if resume else None
 
 

@@ -55,7 +55,7 @@ from common.checkpoint import (
     up_to_date,
 )
 from common.config import parse_config, parse_mapping
-from common.distributed import open_output, start_processes
+from common.distributed import open_output, output_bytes, start_processes
 from common.errors import PipelineError
 from common.modeling import (
     choose_precision,
@@ -701,10 +701,7 @@ def main(argv: list[str] | None = None) -> None:
     policy, critic, reference = build_models(config, tokenizer)
     output = StagedOutput(config.output_dir, "ppo")
     resume_from = resume_point(output.staging, print_) if output.staging.is_dir() else None
-    # The final policy and critic, plus (briefly two) resume checkpoints of them with AdamW's two moments.
-    weights = sum(p.numel() * p.element_size() for network in (policy, critic) for p in network.parameters())
-    trainable = sum(p.numel() for network in (policy, critic) for p in network.parameters() if p.requires_grad)
-    need = weights + (2 * (weights + 8 * trainable) if config.save_every else 0)
+    need = output_bytes([policy, critic], resumable=bool(config.save_every))  # briefly two resume checkpoints
     staging = open_output(output, state, keep=resume_from is not None, need_bytes=need)
     if reference is not None:
         reference.to(device)
