@@ -11,6 +11,7 @@ import torch
 from accelerate import PartialState
 
 from common.checkpoint import StagedOutput
+from common.errors import PipelineError
 
 
 def start_processes() -> PartialState:
@@ -21,7 +22,14 @@ def start_processes() -> PartialState:
     be given gloo by name (else each counts itself as process 0 of 1 and all of them write the output).
     """
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if not launched or torch.cuda.is_available():
+    if not launched:
+        return PartialState()
+    if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "false").lower() != "true":
+        # Each process takes the GPU of its local rank: more processes than GPUs fail deep in CUDA otherwise.
+        here, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])), torch.cuda.device_count()
+        if here > gpus:
+            raise PipelineError(f"{here} processes on this machine but {gpus} GPU(s); launch at most {gpus} "
+                                "(NUM_PROCESSES=), or run every process on the CPU with CUDA_VISIBLE_DEVICES=")
         return PartialState()
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         return PartialState(backend="gloo")

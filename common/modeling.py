@@ -7,6 +7,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    LogitsProcessor,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -32,19 +33,6 @@ CHATML_TRAINING_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
-
-
-def choose_precision(requested: str) -> str:
-    """`auto` picks bf16 on a GPU that supports it, fp16 on other GPUs and fp32 on the CPU (no bf16 there)."""
-    if requested not in ("auto", "fp32", "bf16", "fp16"):
-        raise PipelineError(f"precision must be auto, fp32, bf16 or fp16, got {requested!r}")
-    if requested != "auto":
-        if requested != "fp32" and not torch.cuda.is_available():
-            raise PipelineError(f"precision {requested} needs a GPU; use precision: auto or fp32 on the CPU")
-        return requested
-    if not torch.cuda.is_available():
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -132,23 +120,47 @@ def freeze_lower_blocks(model: torch.nn.Module, trainable: int) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-@torch.no_grad()
+class FiniteLogitsGuard(LogitsProcessor):
+    """Sampling from NaN or +inf logits (or a row of nothing but -inf) is a device-side assert in
+    `torch.multinomial` on a GPU, which kills the process with a CUDA traceback. This processor marks such rows
+    on the device (no host sync per token), gives them a harmless distribution so that `generate` finishes, and
+    `check` then raises one error: a reply sampled from broken logits is never used."""
+
+    def __init__(self):
+        self.broken: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        bad = scores.isnan().any(dim=-1) | scores.isposinf().any(dim=-1) | scores.isneginf().all(dim=-1)
+        self.broken = bad.any() if self.broken is None else self.broken | bad.any()
+        return scores.masked_fill(bad[:, None], 0.0)
+
+    def check(self, what: str) -> None:
+        if self.broken is not None and bool(self.broken):
+            raise PipelineError(f"{what}: the model's logits turned NaN or infinite while sampling; its weights or "
+                                "activations overflowed (check the precision, lower the learning rate); nothing "
+                                "sampled from them was kept")
+
+
+@torch.inference_mode()
 def generate_reply_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
                        max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
-                       num_return_sequences: int = 1) -> list[list[int]]:
+                       num_return_sequences: int = 1, what: str = "generate") -> list[list[int]]:
     """Token ids of chat replies to single-turn prompts (left-padded batch, KV cache), each cut after its
-    first EOS (kept) or at `max_new_tokens`. Replies to prompt i are rows i*n .. i*n+n-1."""
+    first EOS (kept) or at `max_new_tokens`. Replies to prompt i are rows i*n .. i*n+n-1. Callers choose the
+    number format (`Compute.autocast`); `what` names the caller in the error about broken logits."""
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                            add_generation_prompt=True) for p in prompts]
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     was_training = model.training
     model.eval()
+    guard = FiniteLogitsGuard()
     output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
                             temperature=temperature if do_sample else None, top_k=None, top_p=None,
-                            num_return_sequences=num_return_sequences,
+                            num_return_sequences=num_return_sequences, logits_processor=[guard],
                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     model.train(was_training)
+    guard.check(what)
     replies = []
     for row in output[:, batch["input_ids"].shape[1]:].tolist():
         # Finished rows are filled with pad ids after EOS; a reply without EOS used all its tokens.
@@ -159,10 +171,10 @@ def generate_reply_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
 
 def generate_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
                      max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
-                     num_return_sequences: int = 1) -> tuple[list[str], list[bool]]:
+                     num_return_sequences: int = 1, what: str = "generate") -> tuple[list[str], list[bool]]:
     """`generate_reply_ids` as text, and whether each reply ended with EOS (False: cut off at the limit)."""
     return decode_replies(tokenizer, generate_reply_ids(model, tokenizer, prompts, max_new_tokens, do_sample,
-                                                        temperature, num_return_sequences))
+                                                        temperature, num_return_sequences, what))
 
 
 def decode_replies(tokenizer: PreTrainedTokenizerBase, replies: list[list[int]]) -> tuple[list[str], list[bool]]:

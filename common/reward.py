@@ -12,6 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from common.checkpoint import read_manifest
 from common.modeling import load_reward_model, load_tokenizer, pad_sequences
+from common.precision import Compute
 
 Message = dict[str, str]
 
@@ -28,15 +29,17 @@ def reward_input_ids(tokenizer: PreTrainedTokenizerBase, prompt: list[Message], 
 
 
 class RewardScorer:
-    """Scores (prompt, reply) pairs with a reward model held in memory."""
+    """Scores (prompt, reply) pairs with a reward model held in memory, on `compute`'s device and number format."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 16):
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, compute: Compute,
+                 batch_size: int = 16):
+        self.model, self.tokenizer, self.compute, self.batch_size = model, tokenizer, compute, batch_size
 
     @classmethod
-    def load(cls, path: str, batch_size: int = 16) -> "RewardScorer":
+    def load(cls, path: str, compute: Compute, batch_size: int = 16) -> "RewardScorer":
         tokenizer = load_tokenizer(path)
-        return cls(load_reward_model(path, tokenizer.pad_token_id), tokenizer, batch_size)
+        model = load_reward_model(path, tokenizer.pad_token_id).to(compute.device).requires_grad_(False)
+        return cls(model, tokenizer, compute, batch_size)
 
     @staticmethod
     def stored_normalisation(path: str) -> tuple[float, float] | None:
@@ -46,7 +49,7 @@ class RewardScorer:
             return metrics["reward_mean"], metrics["reward_std"]
         return None
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def score_ids(self, sequences: list[list[int]], progress: str | None = None) -> list[float]:
         # Sorting by length keeps padding (wasted compute) small; scores go back in the input order.
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
@@ -58,7 +61,8 @@ class RewardScorer:
         for start in tqdm(starts, desc=progress, disable=progress is None, leave=False):
             chunk = order[start:start + self.batch_size]
             ids, mask = pad_sequences([sequences[i] for i in chunk], self.tokenizer.pad_token_id)
-            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0]
+            with self.compute.autocast():
+                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0]
             for index, value in zip(chunk, logits.float().tolist(), strict=True):
                 scores[index] = value
         self.model.train(was_training)

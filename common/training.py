@@ -18,7 +18,7 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from common.checkpoint import RESUME, StagedOutput
 from common.distributed import open_output, output_bytes
 from common.errors import PipelineError
-from common.modeling import choose_precision
+from common.precision import Compute
 
 
 @dataclass
@@ -45,7 +45,8 @@ class TrainerOptions:
     merge: bool = field(default=True, metadata={"help": "merge the LoRA adapter into the saved model"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward "
                                                                           "pass: less memory, about 30% more compute"})
-    precision: str = field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16 (auto: fp32 on CPU)"})
+    precision: str = field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16 (auto: bf16 on a GPU that "
+                                                             "has it, fp32 on the CPU)"})
     seed: int = field(default=42, metadata={"help": "seed for data order, split and initialisation"})
     force: bool = field(default=False, metadata={"help": "retrain even if the output is up to date"})
 
@@ -55,8 +56,8 @@ class TrainerOptions:
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                           target_modules=self.lora_target_modules, task_type=task_type)
 
-    def trainer_kwargs(self, staging: Path) -> dict[str, Any]:
-        precision = choose_precision(self.precision)
+    def trainer_kwargs(self, staging: Path, compute: Compute) -> dict[str, Any]:
+        """`compute` is this process's device and resolved precision: fp32 weights, autocast in bf16/fp16."""
         return dict(
             output_dir=str(staging / RESUME),
             max_length=self.max_length,
@@ -80,8 +81,9 @@ class TrainerOptions:
             save_total_limit=2,  # the newest may be half-written when the run is killed; the one before is whole
             # transformers would drop NaN/inf losses from the logged mean; the divergence check must see them.
             logging_nan_inf_filter=False,
-            bf16=precision == "bf16",
-            fp16=precision == "fp16",
+            bf16=compute.precision == "bf16",
+            fp16=compute.precision == "fp16",
+            use_cpu=compute.device.type == "cpu",  # without it the trainer refuses bf16 autocast on a CPU
             seed=self.seed,
             data_seed=self.seed,
             report_to=["tensorboard"],

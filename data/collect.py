@@ -25,6 +25,7 @@ from common.checkpoint import StagedOutput, describe_input, describe_parent, fin
 from common.config import parse_config
 from common.errors import PipelineError, run_cli
 from common.modeling import generate_replies, load_causal_lm, load_tokenizer
+from common.precision import Compute
 from data.judges import Judge, load_judge, run_judge
 from data.preferences import PreferencePair, ranking_pairs
 from data.prompts import load_prompts
@@ -42,6 +43,8 @@ class CollectConfig:
     max_new_tokens: int = field(default=32, metadata={"help": "reply length limit; longer replies are cut off"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     prompts_per_batch: int = field(default=8, metadata={"help": "prompts per generate call (x K sequences)"})
+    precision: str = field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16 (auto: bf16 on a GPU that "
+                                                             "has it, fp32 on the CPU)"})
     min_margin: float = field(default=0.0, metadata={"help": "pairs whose scores differ by no more are dropped"})
     seed: int = field(default=42, metadata={"help": "sampling seed"})
     force: bool = field(default=False, metadata={"help": "collect again even if the output is up to date"})
@@ -52,16 +55,19 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
         handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
-def sample_candidates(config: CollectConfig, tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[dict]:
-    model = load_causal_lm(config.policy)
+def sample_candidates(config: CollectConfig, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                      compute: Compute) -> list[dict]:
+    model = load_causal_lm(config.policy).to(compute.device)
     set_seed(config.seed)
     k = config.samples_per_prompt
     rows = []
     bar = tqdm(range(0, len(prompts), config.prompts_per_batch), desc="prefs: sampling", unit="batch")
     for start in bar:
         batch = prompts[start:start + config.prompts_per_batch]
-        replies, finished = generate_replies(model, tokenizer, batch, config.max_new_tokens, do_sample=True,
-                                             temperature=config.temperature, num_return_sequences=k)
+        with compute.autocast():
+            replies, finished = generate_replies(model, tokenizer, batch, config.max_new_tokens, do_sample=True,
+                                                 temperature=config.temperature, num_return_sequences=k,
+                                                 what="prefs")
         rows.extend({"prompt": prompt, "responses": replies[i * k:(i + 1) * k], "finished": finished[i * k:(i + 1) * k]}
                     for i, prompt in enumerate(batch))
     return rows
@@ -105,13 +111,15 @@ def main(argv: list[str] | None = None) -> None:
     prompts = load_prompts(config.prompts)
     prompts = prompts[: config.num_prompts] if config.num_prompts else prompts
     tokenizer = load_tokenizer(config.policy)
-    judge = load_judge(config.labeller)
+    compute = Compute.choose(config.precision)
+    judge = load_judge(config.labeller, compute)
     output = StagedOutput(config.output_dir, "prefs")
     staging = output.open()
 
     k = config.samples_per_prompt
-    print(f"prefs: {k} replies to each of {len(prompts)} prompts from {config.policy}, labelled by {config.labeller}")
-    candidates = sample_candidates(config, tokenizer, prompts)
+    print(f"prefs: {k} replies to each of {len(prompts)} prompts from {config.policy}, labelled by {config.labeller}; "
+          f"{compute.device}, {compute.precision}")
+    candidates = sample_candidates(config, tokenizer, prompts, compute)
     ranked = label(candidates, judge, config.labeller)
     pairs = expand(ranked, config.min_margin)
     if not pairs:
@@ -140,4 +148,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, stage="prefs", batch_options="prompts_per_batch")

@@ -13,8 +13,12 @@ import math
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.errors import PipelineError
+
+if TYPE_CHECKING:  # torch and accelerate load only when a reward model judges
+    from common.precision import Compute
 
 Judge = Callable[[list[str], list[str], list[bool]], list[float]]
 
@@ -66,12 +70,13 @@ def load_callable(spec: str) -> Callable:
     return function
 
 
-def load_judge(spec: str) -> Judge:
-    """A judge from `module:function`, or a reward-model folder (its score is the judgement)."""
+def load_judge(spec: str, compute: "Compute") -> Judge:
+    """A judge from `module:function`, or a reward-model folder (its score is the judgement, computed on
+    `compute`'s device and number format)."""
     if Path(spec).expanduser().is_dir():
         from common.reward import RewardScorer
 
-        return RewardScorer.load(spec).judge
+        return RewardScorer.load(spec, compute).judge
     return load_callable(spec)
 
 

@@ -1,4 +1,4 @@
 from common.errors import run_cli
 from evaluation.evaluate import main
 
-run_cli(main)
+run_cli(main, stage="eval", batch_options="batch_size")

@@ -28,6 +28,7 @@ from common.checkpoint import StagedOutput, describe_input, describe_parent, fin
 from common.config import parse_config
 from common.errors import PipelineError
 from common.modeling import decode_replies, generate_reply_ids, load_causal_lm, load_tokenizer, pad_sequences
+from common.precision import Compute
 from common.reward import RewardScorer, prompt_input_ids
 from data.chat import load_chat_examples
 from data.judges import load_judge, run_judge
@@ -57,6 +58,8 @@ class EvalConfig:
     max_perplexity_examples: int = field(default=100, metadata={"help": "SFT eval conversations for perplexity"})
     bootstrap_resamples: int = field(default=1000, metadata={"help": "resamples for the 95% intervals"})
     num_samples: int = field(default=8, metadata={"help": "prompts whose replies the report shows side by side"})
+    precision: str = field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16 (auto: bf16 on a GPU that "
+                                                             "has it, fp32 on the CPU)"})
     seed: int = field(default=42, metadata={"help": "sampling seed, the same for every checkpoint"})
     force: bool = field(default=False, metadata={"help": "evaluate again even if the report is up to date"})
 
@@ -77,9 +80,9 @@ def parse_checkpoints(text: str, reference: str) -> dict[str, str]:
     return checkpoints
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def reply_logprobs(model: PreTrainedModel, prompts: list[list[int]], replies: list[list[int]], temperature: float,
-                   batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   batch_size: int, compute: Compute) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of each reply token under `model` at `temperature` (logits / T, the distribution replies were
     sampled from) and the mask of real reply tokens, padded to the longest reply."""
     width = max(len(reply) for reply in replies) or 1
@@ -93,8 +96,10 @@ def reply_logprobs(model: PreTrainedModel, prompts: list[list[int]], replies: li
         ids, mask = torch.cat([prompt_ids, reply_ids], 1), torch.cat([prompt_mask, reply_mask], 1)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         device = model.device
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                       logits_to_keep=reply_ids.shape[1] + 1).logits[:, :-1].float() / temperature
+        with compute.autocast():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                           logits_to_keep=reply_ids.shape[1] + 1).logits[:, :-1]
+        logits = logits.float() / temperature
         token_logprobs = torch.log_softmax(logits, -1).gather(-1, reply_ids.to(device).unsqueeze(-1)).squeeze(-1)
         logprobs[rows, : reply_ids.shape[1]] = token_logprobs.cpu() * reply_mask
     return logprobs, pad_sequences(replies, 0, width=width)[1]
@@ -124,22 +129,23 @@ def conversation_turns(tokenizer: PreTrainedTokenizerBase, source: str, limit: i
     return contexts, replies
 
 
-def perplexity(model: PreTrainedModel, turns: tuple[list, list], batch_size: int) -> float:
-    logprobs, mask = reply_logprobs(model, *turns, temperature=1.0, batch_size=batch_size)
+def perplexity(model: PreTrainedModel, turns: tuple[list, list], batch_size: int, compute: Compute) -> float:
+    logprobs, mask = reply_logprobs(model, *turns, temperature=1.0, batch_size=batch_size, compute=compute)
     return math.exp(-logprobs.sum().item() / mask.sum().item())
 
 
 def evaluate_checkpoint(name: str, path: str, reference: PreTrainedModel | None, reference_name: str,
                         tokenizer: PreTrainedTokenizerBase, prompts: list[str], turns: tuple | None,
-                        config: EvalConfig) -> dict:
+                        config: EvalConfig, compute: Compute) -> dict:
     """Sample one reply per prompt (fixed seed), then its log-probs under the checkpoint and the reference."""
-    model = reference if name == reference_name else load_causal_lm(path)
+    model = reference if name == reference_name else load_causal_lm(path).to(compute.device)
     prompt_ids = [prompt_input_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     set_seed(config.seed)
     ids = [[] for _ in prompts]
     for rows in tqdm(by_length(prompt_ids, config.batch_size), desc=f"eval: {name}", unit="batch"):
-        replies = generate_reply_ids(model, tokenizer, [prompts[i] for i in rows], config.max_new_tokens,
-                                     do_sample=True, temperature=config.temperature)
+        with compute.autocast():
+            replies = generate_reply_ids(model, tokenizer, [prompts[i] for i in rows], config.max_new_tokens,
+                                         do_sample=True, temperature=config.temperature, what=f"eval: {name}")
         for row, reply in zip(rows, replies, strict=True):
             ids[row] = reply
     texts, finished = decode_replies(tokenizer, ids)
@@ -148,13 +154,13 @@ def evaluate_checkpoint(name: str, path: str, reference: PreTrainedModel | None,
         "finished": finished,
         "lengths": [len(reply) for reply in ids],
         "kl": None,
-        "perplexity": perplexity(model, turns, config.batch_size) if turns else None,
+        "perplexity": perplexity(model, turns, config.batch_size, compute) if turns else None,
     }
     if name == reference_name:
         result["kl"] = [0.0] * len(ids)
     elif reference is not None and any(ids):
-        own, mask = reply_logprobs(model, prompt_ids, ids, config.temperature, config.batch_size)
-        ref, _ = reply_logprobs(reference, prompt_ids, ids, config.temperature, config.batch_size)
+        own, mask = reply_logprobs(model, prompt_ids, ids, config.temperature, config.batch_size, compute)
+        ref, _ = reply_logprobs(reference, prompt_ids, ids, config.temperature, config.batch_size, compute)
         result["kl"] = sequence_kl(own, ref, mask)
     return result
 
@@ -216,8 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     tokenizers = {name: load_tokenizer(path) for name, path in checkpoints.items()}
     prompts = load_prompts(config.prompts, config.prompt_column)
     prompts = prompts[: config.num_prompts] if config.num_prompts else prompts
-    judge = load_judge(config.judge)
-    scorer = RewardScorer.load(config.reward_model, config.batch_size) if config.reward_model else None
+    compute = Compute.choose(config.precision)
+    judge = load_judge(config.judge, compute)
+    scorer = RewardScorer.load(config.reward_model, compute, config.batch_size) if config.reward_model else None
     reference_tokenizer = tokenizers[config.reference]
     turns = (conversation_turns(reference_tokenizer, config.sft_eval_data, config.max_perplexity_examples)
              if config.sft_eval_data else None)
@@ -225,14 +232,15 @@ def main(argv: list[str] | None = None) -> None:
     staging = output.open()
 
     print(f"eval: {', '.join(checkpoints)} on {len(prompts)} prompts from {config.prompts} "
-          f"(T {config.temperature}, {config.max_new_tokens} tokens, seed {config.seed}); judge {config.judge}")
-    reference = load_causal_lm(checkpoints[config.reference])
+          f"(T {config.temperature}, {config.max_new_tokens} tokens, seed {config.seed}); judge {config.judge}; "
+          f"{compute.device}, {compute.precision}")
+    reference = load_causal_lm(checkpoints[config.reference]).to(compute.device)
     results = {}
     for name, path in checkpoints.items():
         tokenizer = tokenizers[name]
         comparable = same_vocabulary(tokenizer, reference_tokenizer)
         result = evaluate_checkpoint(name, path, reference if comparable else None, config.reference, tokenizer,
-                                     prompts, turns if comparable else None, config)
+                                     prompts, turns if comparable else None, config, compute)
         result["path"] = path
         result["gold"] = run_judge(judge, config.judge, prompts, result["replies"], result["finished"])
         result["rm"] = scorer.judge(prompts, result["replies"], result["finished"]) if scorer else None

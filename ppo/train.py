@@ -58,13 +58,14 @@ from common.config import parse_config, parse_mapping
 from common.distributed import open_output, output_bytes, start_processes
 from common.errors import PipelineError
 from common.modeling import (
-    choose_precision,
+    FiniteLogitsGuard,
     freeze_lower_blocks,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
     pad_sequences,
 )
+from common.precision import Compute, choose_precision
 from common.reward import RewardScorer, prompt_input_ids
 from data.chat import load_chat_examples
 from data.judges import Judge, load_judge, run_judge
@@ -135,7 +136,8 @@ class PPOStageConfig:
     eval_every: int = field(default=5, metadata={"help": "evaluate every N updates (and before and after); "
                                                          "0: never"})
     save_every: int = field(default=5, metadata={"help": "checkpoint the training state every N updates; 0: never"})
-    precision: str = field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16 (auto: fp32 on CPU)"})
+    precision: str = field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16 (auto: bf16 on a GPU that "
+                                                             "has it, fp32 on the CPU)"})
     seed: int = field(default=42, metadata={"help": "seed for prompt order, sampling and initialisation"})
     force: bool = field(default=False, metadata={"help": "train again even if the output is up to date"})
 
@@ -161,14 +163,17 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     return (whitened if shift_mean else whitened + mean) * mask
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-probs of `tokens` under logits / T (the distribution they were sampled from). fp32 before dividing:
+    every caller (policy, reference, learning) then rounds the same way, whatever dtype the logits came in."""
+    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 @torch.no_grad()
-def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
+                               temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Both from one log-softmax over the vocabulary (the rollout logs entropy; learning needs none)."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
     entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
     return log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), entropy
 
@@ -248,12 +253,33 @@ class KLController:
 # Models
 
 
+def attention_without_empty_rows(model: PreTrainedModel, mask: torch.Tensor) -> torch.Tensor:
+    """The causal attention of a padded batch in which every padding position attends to itself.
+
+    With left padding a padding position has no key to attend to: a query row with every key masked. On the
+    GPU that is where bf16 PPO turned NaN: cuDNN's attention (torch's default on H100) fills masked scores with
+    -65504, so such a row's log-sum-exp is about -65000, and its backward then returns NaN gradients for the
+    query, which the optimizer writes into the weights (the next rollout samples from NaN logits). Real tokens
+    see exactly what the 2-D mask gives them; padding rows get one key (themselves) and a finite result nobody
+    reads. Flash attention takes the 2-D mask (it drops padding itself); eager attention adds a float mask."""
+    implementation = model.config._attn_implementation
+    if implementation not in ("sdpa", "eager"):
+        return mask
+    width = mask.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=mask.device).tril()
+    itself = torch.eye(width, dtype=torch.bool, device=mask.device)
+    allowed = causal & (mask.bool()[:, None, None, :] | itself)
+    if implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, device=mask.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
 def reply_logits(policy: PreTrainedModel, input_ids, attention_mask, position_ids, reply_width: int) -> torch.Tensor:
     """Logits at the positions that predict the reply's tokens (the one before each; the reply fills the
     last `reply_width` columns). `logits_to_keep` skips the LM head over the prompt: with a 49k-token
     vocabulary that head is a large share of a small model's compute."""
-    return policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                  logits_to_keep=reply_width + 1).logits[:, :-1]
+    return policy(input_ids=input_ids, attention_mask=attention_without_empty_rows(policy, attention_mask),
+                  position_ids=position_ids, use_cache=False, logits_to_keep=reply_width + 1).logits[:, :-1]
 
 
 class PolicyAndCritic(torch.nn.Module):
@@ -270,8 +296,9 @@ class PolicyAndCritic(torch.nn.Module):
         # The critic is a sequence classifier; its score head applied to each position's hidden state
         # gives a value per token (the classifier itself only reads the last one).
         critic = self.critic.get_base_model() if isinstance(self.critic, PeftModel) else self.critic
-        hidden = getattr(critic, critic.base_model_prefix)(input_ids=input_ids, attention_mask=attention_mask,
-                                                           position_ids=position_ids, use_cache=False)
+        hidden = getattr(critic, critic.base_model_prefix)(
+            input_ids=input_ids, attention_mask=attention_without_empty_rows(critic, attention_mask),
+            position_ids=position_ids, use_cache=False)
         values = critic.score(hidden.last_hidden_state[:, -reply_width - 1:-1]).squeeze(-1).float()
         ptx_logits = None
         if ptx_ids is not None:
@@ -346,7 +373,8 @@ class RewardSource:
         return run_judge(self.judge, self.name, prompts, replies, finished)
 
 
-def load_reward_sources(config: PPOStageConfig, tokenizer: PreTrainedTokenizerBase) -> list[RewardSource]:
+def load_reward_sources(config: PPOStageConfig, tokenizer: PreTrainedTokenizerBase,
+                        compute: Compute) -> list[RewardSource]:
     specs = [("rm", config.reward_model_weight)] if config.reward_model_weight else []
     for spec, weight in parse_mapping(config.extra_rewards, "extra_rewards").items():
         try:
@@ -361,9 +389,11 @@ def load_reward_sources(config: PPOStageConfig, tokenizer: PreTrainedTokenizerBa
         if name == "rm" or Path(spec).expanduser().is_dir():
             check_tokenizers_match(config.policy, tokenizer, spec)
             norm = RewardScorer.stored_normalisation(spec) if config.normalize_reward else None
-            sources.append(RewardSource(name, weight, scorer=RewardScorer.load(spec), normalisation=norm))
+            scorer = RewardScorer.load(spec, compute)
+            disable_dropout(scorer.model)
+            sources.append(RewardSource(name, weight, scorer=scorer, normalisation=norm))
         else:
-            sources.append(RewardSource(name, weight, judge=load_judge(spec)))
+            sources.append(RewardSource(name, weight, judge=load_judge(spec, compute)))
     return sources
 
 
@@ -401,26 +431,32 @@ def pad_right(rows: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(rows, (0, width - rows.shape[1]))
 
 
+# Rollout tensors feed the losses later, so they are made under no_grad, not inference_mode (autograd
+# refuses to save inference tensors for backward).
 @torch.no_grad()
 def sample_replies(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[list[int]],
-                   config: PPOStageConfig, device: torch.device, seed: int) -> Rollout:
+                   config: PPOStageConfig, compute: Compute, seed: int) -> Rollout:
     """Sample one reply per prompt in chunks of generation_batch_size; cut each after its first EOS. Chunk
     k is sampled from seed + its first row: when the caller numbers rows globally, the replies do not
     depend on how many processes share the batch (a 2-process run samples what 1 process samples)."""
     # Left padding: every prompt ends, and every reply starts, at column `context`.
     prompts, prompt_mask = pad_sequences(prompt_ids, tokenizer.pad_token_id, left=True)
+    device = compute.device
     prompts, prompt_mask, context = prompts.to(device), prompt_mask.to(device), prompts.shape[1]
     chunks = []
     policy.eval()
+    guard = FiniteLogitsGuard()
     for start in range(0, len(prompt_ids), config.generation_batch_size):
         rows = slice(start, start + config.generation_batch_size)
         torch.manual_seed(seed + start)
-        output = policy.generate(input_ids=prompts[rows], attention_mask=prompt_mask[rows], do_sample=True,
-                                 temperature=config.temperature, top_k=None, top_p=None,
-                                 max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
+        with compute.autocast():
+            output = policy.generate(input_ids=prompts[rows], attention_mask=prompt_mask[rows], do_sample=True,
+                                     temperature=config.temperature, top_k=None, top_p=None,
+                                     max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                     eos_token_id=tokenizer.eos_token_id, logits_processor=[guard])
         chunks.append(output[:, context:])
     policy.train()
+    guard.check("ppo")
     width = max(chunk.shape[1] for chunk in chunks)
     replies = torch.cat([pad_right(chunk, width) for chunk in chunks])
     # A reply's length runs to its first EOS inclusive, else to the length limit. Lengths, not a pad-id
@@ -436,24 +472,27 @@ def sample_replies(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 
 @torch.no_grad()
 def score_rollout(model: PolicyAndCritic, reference: PreTrainedModel | None, rollout: Rollout,
-                  config: PPOStageConfig) -> None:
-    """Fill in the policy's and reference's log-probs and the critic's values, a chunk at a time."""
+                  config: PPOStageConfig, compute: Compute) -> None:
+    """Fill in the policy's and reference's log-probs and the critic's values, a chunk at a time. Policy and
+    reference run under the same autocast on the same micro-batches: identical weights give identical
+    log-probs, so the KL penalty of the first update is exactly 0 in every precision."""
     logprobs, ref_logprobs, values, entropy = [], [], [], []
     width = rollout.reply_mask.shape[1]
     for start in range(0, len(rollout.sequences), config.generation_batch_size):
         rows = torch.arange(start, min(start + config.generation_batch_size, len(rollout.sequences)))
         ids, mask, positions, reply_width = rollout.micro(rows)
         targets = ids[:, -reply_width:]
-        logits, value, _ = model(ids, mask, positions, reply_width)
-        chosen, spread = token_logprobs_and_entropy(logits / config.temperature, targets)
+        with compute.autocast():
+            logits, value, _ = model(ids, mask, positions, reply_width)
+            # With LoRA the reference is the same network with its adapter switched off: no second copy.
+            with model.policy.disable_adapter() if reference is None else contextlib.nullcontext():
+                ref_logits = reply_logits(model.policy if reference is None else reference, ids, mask, positions,
+                                          reply_width)
+        chosen, spread = token_logprobs_and_entropy(logits, targets, config.temperature)
         logprobs.append(pad_right(chosen, width))
         entropy.append(pad_right(spread, width))
         values.append(pad_right(value, width))
-        # With LoRA the reference is the same network with its adapter switched off: no second copy.
-        with model.policy.disable_adapter() if reference is None else contextlib.nullcontext():
-            ref_logits = reply_logits(model.policy if reference is None else reference, ids, mask, positions,
-                                      reply_width)
-        ref_logprobs.append(pad_right(token_logprobs(ref_logits / config.temperature, targets), width))
+        ref_logprobs.append(pad_right(token_logprobs(ref_logits, targets, config.temperature), width))
     mask = rollout.reply_mask
     rollout.logprobs = torch.cat(logprobs) * mask
     rollout.ref_logprobs = torch.cat(ref_logprobs) * mask
@@ -563,12 +602,13 @@ def save_checkpoint(accelerator: Accelerator, staging: Path, update: int, print_
 
 @torch.no_grad()
 def evaluate(model: PolicyAndCritic, reference, tokenizer, sources: list[RewardSource], judge: Judge | None,
-             prompts: list[str], prompt_ids: list[list[int]], config: PPOStageConfig, device) -> dict:
+             prompts: list[str], prompt_ids: list[list[int]], config: PPOStageConfig, compute: Compute) -> dict:
     """Held-out prompts, a fixed sampling seed: the reward (and each source), the judge's score, sequence KL
     to the reference, length, EOS rate, and a few samples."""
+    device = compute.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        rollout = sample_replies(model.policy, tokenizer, prompt_ids, config, device, seed=config.seed)
-    score_rollout(model, reference, rollout, config)
+        rollout = sample_replies(model.policy, tokenizer, prompt_ids, config, compute, seed=config.seed)
+    score_rollout(model, reference, rollout, config, compute)
     scores, per_source, texts = score_replies(sources, tokenizer, prompts, prompt_ids, rollout, config)
     metrics = {
         "eval/reward": scores.mean().item(),
@@ -667,7 +707,7 @@ def main(argv: list[str] | None = None) -> None:
                             f"({config.mini_batch_size}), which must be a multiple of processes ({processes}) x "
                             f"micro_batch_size ({config.micro_batch_size})")
     accumulation = local_mini // config.micro_batch_size
-    precision = choose_precision(config.precision)
+    precision = choose_precision(config.precision, state.device)
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision),
                               gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accumulation))
     if accelerator.state.deepspeed_plugin is not None:
@@ -679,6 +719,7 @@ def main(argv: list[str] | None = None) -> None:
         # the two trained ones; the frozen reference and reward models stay whole, outside any engine.
         unset_hf_deepspeed_config()
     device, main_process = accelerator.device, accelerator.is_main_process
+    compute = Compute(device, precision)
 
     # Validate everything before any work or any output.
     validate(config)
@@ -691,8 +732,8 @@ def main(argv: list[str] | None = None) -> None:
     if len(train_prompts) < config.rollout_batch_size:
         raise PipelineError(f"{config.prompts}: {len(train_prompts)} training prompts, fewer than one rollout batch "
                             f"({config.rollout_batch_size}); add prompts or lower rollout_batch_size")
-    sources = load_reward_sources(config, tokenizer)
-    judge = load_judge(config.judge) if config.judge else None
+    sources = load_reward_sources(config, tokenizer, compute)
+    judge = load_judge(config.judge, compute) if config.judge else None
     ptx = ptx_batches(config, tokenizer, config.seed + accelerator.process_index) if config.ptx_coef else None
     if ptx is not None:
         next(ptx)  # reads and checks the SFT data now, not at the first update
@@ -705,10 +746,6 @@ def main(argv: list[str] | None = None) -> None:
     staging = open_output(output, state, keep=resume_from is not None, need_bytes=need)
     if reference is not None:
         reference.to(device)
-    for source in sources:
-        if source.scorer is not None:
-            source.scorer.model.to(device).requires_grad_(False)
-            disable_dropout(source.scorer.model)
     model = PolicyAndCritic(policy, critic)
     # Two learning rates, one optimizer: the critic starts from the RM and can often move faster.
     optimizer = torch.optim.AdamW(
@@ -735,7 +772,7 @@ def main(argv: list[str] | None = None) -> None:
     if progress.update == 0 and config.eval_every:
         with whole_weights(accelerator, model):
             eval_initial = evaluate(unwrapped, reference, tokenizer, sources, judge, eval_prompts, eval_ids, config,
-                                    device)
+                                    compute)
         log.log(0, eval_initial)
     def across_processes(sums: torch.Tensor) -> torch.Tensor:
         return accelerator.reduce(sums, reduction="sum")
@@ -762,9 +799,9 @@ def main(argv: list[str] | None = None) -> None:
 
         # 1. Rollout.
         with whole_weights(accelerator, model):
-            rollout = sample_replies(unwrapped.policy, tokenizer, prompt_ids, config, device,
+            rollout = sample_replies(unwrapped.policy, tokenizer, prompt_ids, config, compute,
                                      seed=config.seed * 1_000_003 + first + rank_rows.start)
-            score_rollout(unwrapped, reference, rollout, config)
+            score_rollout(unwrapped, reference, rollout, config, compute)
         # 2. Rewards.
         scores, per_source, _ = score_replies(sources, tokenizer, prompts, prompt_ids, rollout, config)
         mask = rollout.reply_mask
@@ -789,8 +826,9 @@ def main(argv: list[str] | None = None) -> None:
                         ptx_ids = ptx_mask = ptx_labels = None
                         if ptx is not None:
                             ptx_ids, ptx_mask, ptx_labels = (t.to(device) for t in next(ptx))
-                        logits, values, ptx_logits = model(ids, attention, positions, width, ptx_ids, ptx_mask)
-                        logprobs = token_logprobs(logits / config.temperature, ids[:, -width:])
+                        with compute.autocast():  # the rollout's numerics: the ratio starts at exactly 1
+                            logits, values, ptx_logits = model(ids, attention, positions, width, ptx_ids, ptx_mask)
+                        logprobs = token_logprobs(logits, ids[:, -width:], config.temperature)
                         policy_loss, value_loss, step_stats = ppo_losses(
                             logprobs, rollout.logprobs[rows, :width], advantages[rows, :width],
                             values, rollout.values[rows, :width],
@@ -803,7 +841,14 @@ def main(argv: list[str] | None = None) -> None:
                             step_stats["loss/ptx"] = ptx_loss.item()
                         accelerator.backward(loss)
                         if accelerator.sync_gradients:
-                            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                            norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                            # A NaN step would be written into the weights (and a checkpoint) before any metric
+                            # showed it; DeepSpeed clips inside its own step and reports no norm here.
+                            if norm is not None and not torch.isfinite(norm):
+                                raise PipelineError(
+                                    f"ppo: non-finite gradient norm at update {update + 1} ({norm.item()}); the step "
+                                    "was not taken; lower learning_rate or check the reward sources; checkpoints "
+                                    f"(if any) in {staging / RESUME} hold only earlier updates")
                         optimizer.step()
                         optimizer.zero_grad()
                         if accelerator.sync_gradients:
@@ -838,7 +883,7 @@ def main(argv: list[str] | None = None) -> None:
         if config.eval_every and (progress.update % config.eval_every == 0 or progress.update == config.num_updates):
             with whole_weights(accelerator, model):
                 metrics.update(evaluate(unwrapped, reference, tokenizer, sources, judge, eval_prompts, eval_ids,
-                                        config, device))
+                                        config, compute))
         log.log(progress.update, metrics)
         bar.set_postfix(reward=f"{metrics['reward/score']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
         # Checked before saving, so the newest checkpoint is always a good one.

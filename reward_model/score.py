@@ -17,6 +17,7 @@ from pathlib import Path
 
 from common.config import parse_config, parse_mapping
 from common.errors import PipelineError, run_cli
+from common.precision import Compute
 from common.reward import RewardScorer
 from data.chat import Message, RowError, as_messages
 from data.preferences import finished_flag, load_preference_pairs, reply_text
@@ -31,6 +32,8 @@ class ScoreConfig:
     output: str = field(default="", metadata={"help": "JSONL to write; empty: <data>.scores.jsonl next to it"})
     columns: str = field(default="", metadata={"help": "column mapping, e.g. response=answer"})
     batch_size: int = field(default=16, metadata={"help": "sequences per forward pass"})
+    precision: str = field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16 (auto: bf16 on a GPU that "
+                                                             "has it, fp32 on the CPU)"})
 
 
 def parse_responses(table: Table, columns: dict[str, str]) -> tuple[list[list[Message]], list[str], list[bool]]:
@@ -61,14 +64,14 @@ def main(argv: list[str] | None = None) -> None:
     # Validate the data before loading the model; then score.
     if columns.get("response", "response") in table.columns:
         prompts, replies, finished = parse_responses(table, columns)
-        scorer = RewardScorer.load(config.model, config.batch_size)
+        scorer = RewardScorer.load(config.model, Compute.choose(config.precision), config.batch_size)
         scores = scorer.score(prompts, replies, finished, progress="score")
         rows = [{**row, "score": score} for row, score in zip(table.rows, scores, strict=True)]
         print(f"score: {len(scores)} replies, mean {statistics.fmean(scores):.3f}, "
               f"std {statistics.pstdev(scores):.3f}, min {min(scores):.3f}, max {max(scores):.3f}")
     else:
         pairs = load_preference_pairs(config.data, columns)
-        scorer = RewardScorer.load(config.model, config.batch_size)
+        scorer = RewardScorer.load(config.model, Compute.choose(config.precision), config.batch_size)
         chosen, rejected = score_pairs(scorer, pairs, "score")
         rows = [{**pair.as_row(), "chosen_score": c, "rejected_score": r, "source": pair.location}
                 for pair, c, r in zip(pairs, chosen, rejected, strict=True)]
@@ -84,4 +87,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, stage="score", batch_options="batch_size")

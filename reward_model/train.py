@@ -32,6 +32,7 @@ from common.distributed import start_processes
 from common.errors import PipelineError
 from common.metrics import JsonlMetricsCallback
 from common.modeling import freeze_lower_blocks, load_reward_model, load_tokenizer
+from common.precision import Compute
 from common.reward import RewardScorer
 from common.training import StopOnNonFinite, TrainerOptions, open_for_training, save_trained_model
 from data.preferences import PreferencePair, check_prompt_lengths, load_preference_pairs
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     # Validate everything before any work or any output.
     if config.use_lora and config.trainable_layers:
         raise PipelineError("use_lora and trainable_layers are two ways to train fewer weights; choose one")
+    compute = Compute.choose(config.precision)
     train, evaluation = load_splits(config)
     tokenizer = load_tokenizer(config.model)
     check_prompt_lengths(train + evaluation, tokenizer, config.max_length - 1)
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         data_collator=GroupCollator(tokenizer.pad_token_id),
         # Dropout off: the same score for the same input in training and when PPO reads it.
         args=RewardConfig(disable_dropout=True, center_rewards_coefficient=config.center_rewards_coefficient or None,
-                          **config.trainer_kwargs(staging)),
+                          **config.trainer_kwargs(staging, compute)),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     if trained is None:
         return  # not the main process: it has done its share of training
 
-    scorer = RewardScorer(trained, tokenizer, batch_size=config.per_device_eval_batch_size)
+    scorer = RewardScorer(trained, tokenizer, compute, batch_size=config.per_device_eval_batch_size)
     metrics = {
         **pairwise_metrics(*score_pairs(scorer, evaluation, "rm: scoring eval"), "eval"),
         **reward_normalisation(scorer, train, config),

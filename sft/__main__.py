@@ -1,4 +1,5 @@
 from common.errors import run_cli
 from sft.train import main
 
-run_cli(main)
+run_cli(main, stage="sft", batch_options="per_device_train_batch_size (raise gradient_accumulation_steps to keep "
+                                         "the batch) or max_length")

@@ -28,6 +28,7 @@ from common.config import parse_config, parse_mapping
 from common.distributed import start_processes
 from common.metrics import JsonlMetricsCallback
 from common.modeling import generate_replies, load_causal_lm, load_tokenizer
+from common.precision import Compute
 from common.training import StopOnNonFinite, TrainerOptions, open_for_training, save_trained_model
 from data.chat import load_chat_examples, split_train_eval
 
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     # Validate everything before any work or any output.
+    compute = Compute.choose(config.precision)
     train, evaluation = load_splits(config)
     tokenizer = load_tokenizer(config.model)
     set_seed(config.seed)
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         # prepared the model: evaluate() before train() stops DDP from wrapping it (each process then
         # trains its own copy) and DeepSpeed ZeRO-2 refuses it. A resumed run already has that number.
         args=SFTConfig(assistant_only_loss=True, dataset_num_proc=None, eval_on_start=resume is None,
-                       **config.trainer_kwargs(staging)),
+                       **config.trainer_kwargs(staging, compute)),
         train_dataset=Dataset.from_dict({"messages": train}),
         eval_dataset=Dataset.from_dict({"messages": evaluation}),
         processing_class=tokenizer,
@@ -106,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
 
     prompts = [example[0]["content"] if example[0]["role"] != "system" else example[1]["content"]
                for example in evaluation[: config.num_sample_prompts]]
-    replies, _ = generate_replies(trained, tokenizer, prompts, config.max_new_tokens)
+    with compute.autocast():
+        replies, _ = generate_replies(trained, tokenizer, prompts, config.max_new_tokens, what="sft")
     metrics = {
         "base_eval_loss": base_eval_loss,
         "base_eval_perplexity": math.exp(base_eval_loss),

@@ -10,9 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+
+from common.precision import Compute
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
+# What tests that score or sample in-process run under: the CPU in fp32, whatever the machine has.
+CPU = Compute(torch.device("cpu"), "fp32")
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -27,8 +32,9 @@ def chat_rows(n: int) -> list[dict]:
                           {"role": "assistant", "content": "I love that, it is wonderful!"}]} for i in range(n)]
 
 
-def run_module(module: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+def run_module(module: str, *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None
+               ) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=cwd, env=env)
 
 

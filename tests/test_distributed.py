@@ -21,8 +21,14 @@ from tests.test_reward_model import preference_rows
 ACCELERATE = ROOT / "configs" / "accelerate"
 
 
+# Every run here, the 1-process baselines included, is on the CPU even on a machine with a GPU: two processes
+# cannot share one GPU, and each comparison needs both sides to compute the same way.
+CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
+
+
 def launch(config: str, module: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           **CPU_ONLY}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / config),
                "--num_processes", "2", "-m", module, *args]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
@@ -31,7 +37,7 @@ def launch(config: str, module: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def single(module: str, *args: str) -> None:
-    result = run_module(module, *args)
+    result = run_module(module, *args, env=CPU_ONLY)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -83,7 +89,8 @@ def test_make_sft_and_rm_on_two_processes(tmp_path, tiny_base):
     run = tmp_path / "run"
     result = subprocess.run(["make", "rm", f"CONFIG={TINY}", f"RUN={run}", f"BASE_MODEL={tiny_base}",
                              f"SFT_DATA={chat}", f"PREFS={prefs}", "NUM_PROCESSES=2",
-                             "ARGS=--per_device_train_batch_size 1"], cwd=ROOT, capture_output=True, text=True)
+                             "ARGS=--per_device_train_batch_size 1"], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, **CPU_ONLY})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 -m sft" in result.stdout
     single("reward_model", "--config", str(TINY), "--model", str(run / "sft"), "--data", str(prefs),

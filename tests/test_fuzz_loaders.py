@@ -495,6 +495,23 @@ def test_cases_the_fuzzing_found(tmp_path, case):
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize("interpreter", ["3.11", "3.12.3+"])
+def test_deep_nesting_reads_the_same_whatever_the_interpreter_reports(tmp_path, monkeypatch, interpreter):
+    def loads(text):  # what each interpreter's json module does with "[" * 3000
+        if interpreter == "3.11":
+            raise RecursionError("maximum recursion depth exceeded while decoding a JSON array")
+        raise json.JSONDecodeError("Expecting value", text, len(text))
+
+    path = write(str(tmp_path), "d.json", b"[" * 3000)
+    with monkeypatch.context() as patched:
+        patched.setattr("data.tables.json.loads", loads)
+        with pytest.raises(PipelineError, match=r"d\.json:1:1: malformed JSON \(lists or objects nested too deeply"):
+            read_table(str(path))
+    shallow = write(str(tmp_path), "e.json", b"[[1,")  # an ordinary truncated file keeps its own message
+    with pytest.raises(PipelineError, match=r"e\.json:1:5: malformed JSON \(Expecting value\)"):
+        read_table(str(shallow))
+
+
 @pytest.mark.parametrize("case", list(FOUND_IN_IMPORT))
 def test_import_cases_the_fuzzing_found(tmp_path, case):
     row, pattern = FOUND_IN_IMPORT[case]

@@ -22,7 +22,7 @@ from ppo.train import (
     token_logprobs,
     token_rewards,
 )
-from tests.conftest import TINY, kill_when, run_module, write_jsonl
+from tests.conftest import CPU, TINY, kill_when, run_module, write_jsonl
 
 # A learnable synthetic task: an SFT model that answers "I love it." or "I hate it." about equally often,
 # and a reward of 1 for "love". PPO should shift the policy towards "love" within a few updates.
@@ -90,7 +90,7 @@ def test_replies_are_cut_after_the_first_eos_and_rewarded_there(make_run):
     scripted = torch.tensor([[5, eos, 7, 8], [5, 6, 7, 8], [pad, 6, eos, 8]])
     config = PPOStageConfig(max_new_tokens=4, generation_batch_size=2)
     rollout = sample_replies(ScriptedPolicy(scripted), tokenizer, [[1, 2, 3], [4], [9, 9]], config,
-                             torch.device("cpu"), seed=0)
+                             CPU, seed=0)
     assert rollout.context == 3
     assert rollout.reply_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]]
     assert rollout.finished.tolist() == [True, False, True]
@@ -110,21 +110,21 @@ def test_lora_reference_is_the_initial_policy_and_micro_batches_reproduce_rollou
     assert reference is None  # the adapter-disabled policy is the reference: one backbone in memory
     model = PolicyAndCritic(policy, critic)
     prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9], [10]]
-    rollout = sample_replies(model.policy, tokenizer, prompts, config, torch.device("cpu"), seed=0)
-    score_rollout(model, None, rollout, config)
+    rollout = sample_replies(model.policy, tokenizer, prompts, config, CPU, seed=0)
+    score_rollout(model, None, rollout, config, CPU)
     mask = rollout.reply_mask.bool()
     # Before any update the adapter is the identity: reference log-probs equal the policy's and the SFT model's.
     assert torch.allclose(rollout.ref_logprobs[mask], rollout.logprobs[mask], atol=1e-5)
     sft = AutoModelForCausalLM.from_pretrained(make_run / "sft")
     ids, attention, positions, width = rollout.micro(torch.arange(4))
     full_logits = sft(input_ids=ids, attention_mask=attention, position_ids=positions).logits
-    sft_logprobs = token_logprobs(full_logits[:, -width - 1:-1] / 0.8, ids[:, -width:])
+    sft_logprobs = token_logprobs(full_logits[:, -width - 1:-1], ids[:, -width:], 0.8)
     assert torch.allclose(sft_logprobs[mask[:, :width]], rollout.logprobs[mask], atol=1e-4)
     # Recomputed on smaller micro-batches (other padding widths) the log-probs match: the PPO ratio starts at 1.
     for rows in (torch.tensor([0, 2]), torch.tensor([1]), torch.tensor([3])):
         ids, attention, positions, width = rollout.micro(rows)
         logits, _, _ = model(ids, attention, positions, width)
-        again = token_logprobs(logits / 0.8, ids[:, -width:])
+        again = token_logprobs(logits, ids[:, -width:], 0.8)
         assert torch.allclose(again[mask[rows, :width]], rollout.logprobs[rows, :width][mask[rows, :width]], atol=1e-4)
     # After the adapter moves, the policy changes and the reference does not.
     with torch.no_grad():
@@ -133,7 +133,7 @@ def test_lora_reference_is_the_initial_policy_and_micro_batches_reproduce_rollou
                 parameter.add_(0.05)
     moved = rollout.__class__(rollout.sequences, rollout.attention_mask, rollout.context, rollout.reply_mask,
                               rollout.finished)
-    score_rollout(model, None, moved, config)
+    score_rollout(model, None, moved, config, CPU)
     assert torch.allclose(moved.ref_logprobs[mask], rollout.ref_logprobs[mask], atol=1e-5)
     assert not torch.allclose(moved.logprobs[mask], rollout.logprobs[mask], atol=1e-3)
 

@@ -15,7 +15,7 @@ from data.preferences import PreferencePair
 from reward_model.grouped import GroupCollator, grouped_loss, tokenize_groups
 from reward_model.score import main as score_main
 from reward_model.train import main as rm_main
-from tests.conftest import TINY, kill_when, resumable_checkpoints, run_module, write_jsonl
+from tests.conftest import CPU, TINY, kill_when, resumable_checkpoints, run_module, write_jsonl
 
 TOPICS = ["apple", "river", "stone", "cloud", "tiger", "music", "paper", "green", "ocean", "train", "bread",
           "chair", "snow", "lamp", "garden", "clock", "horse", "bridge", "candle", "forest"]
@@ -65,7 +65,7 @@ def test_reloads_with_plain_transformers_and_scores_at_the_last_token(learned):
         scores = [model(input_ids=torch.tensor([ids])).logits[0, 0].item() for ids in (good, bad)]
     assert scores[0] > scores[1]
     # Batched, right-padded scoring reads each row at its own last token: same scores as one at a time.
-    batched = RewardScorer.load(str(output)).score_ids([good, bad])
+    batched = RewardScorer.load(str(output), CPU).score_ids([good, bad])
     assert batched == pytest.approx(scores, abs=1e-4)
 
 
@@ -134,7 +134,7 @@ def test_lora_adapter_reloads_and_scores(tmp_path, tiny_base):
     # The adapter records its base (the SFT causal LM); its one-logit head needs num_labels=1 on loading.
     model = AutoModelForSequenceClassification.from_pretrained(output, num_labels=1)
     assert model.config.num_labels == 1
-    assert len(RewardScorer.load(str(output)).judge(["hi"], ["hello"], [True])) == 1
+    assert len(RewardScorer.load(str(output), CPU).judge(["hi"], ["hello"], [True])) == 1
 
 
 def test_score_tool_scores_replies_and_pairs(tmp_path, learned):

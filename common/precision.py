@@ -1,0 +1,55 @@
+"""Where every model runs and in which number format: one device helper and one precision policy for all stages.
+
+The policy (README, "Precision"): trained weights and optimizer state are fp32; forward and backward passes run
+under autocast in the compute dtype (bf16 on a GPU that has it). Frozen models (the PPO reference, reward models,
+the models of `make prefs`, `make eval` and `make score`) are stored like the trained ones and run under the same
+autocast, so the reference's log-probs of the policy's own weights are the policy's log-probs, bit for bit, and
+the KL penalty starts at exactly 0. Log-softmax, values, rewards and losses are fp32.
+"""
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+from accelerate import PartialState
+
+from common.errors import PipelineError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def compute_device() -> torch.device:
+    """The device of this process: its GPU when there is one (the process's own under a multi-process launch),
+    else the CPU. The same answer accelerate and the trainers use."""
+    return PartialState().device
+
+
+def choose_precision(requested: str, device: torch.device) -> str:
+    """`auto` picks bf16 on a GPU that supports it, fp16 on other GPUs and fp32 elsewhere. bf16 may be asked for
+    on a CPU too: torch runs bf16 autocast there (slowly), which is how the tests check the GPU's numerics."""
+    if requested not in ("auto", *DTYPES):
+        raise PipelineError(f"precision must be auto, fp32, bf16 or fp16, got {requested!r}")
+    gpu = device.type == "cuda"
+    if requested == "fp16" and not gpu:
+        raise PipelineError("precision fp16 needs a GPU; use precision: auto, fp32 or bf16 on the CPU")
+    if requested != "auto":
+        return requested
+    if not gpu:
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+@dataclass(frozen=True)
+class Compute:
+    """A device and a precision: what every forward pass, sampling included, runs under."""
+
+    device: torch.device
+    precision: str
+
+    @classmethod
+    def choose(cls, requested: str) -> "Compute":
+        device = compute_device()
+        return cls(device, choose_precision(requested, device))
+
+    def autocast(self) -> AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=DTYPES[self.precision], enabled=self.precision != "fp32")

@@ -1,0 +1,161 @@
+"""The precision policy and what a GPU run depends on, checked on the CPU: bf16 autocast through every stage
+(what `precision: auto` picks on a GPU), the KL of identical weights exactly 0, no attention row left without a
+key (the cause of NaN gradients in bf16 on the GPU), broken logits and accelerator failures as one line."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+import common.distributed
+from common.errors import PipelineError, run_cli
+from common.modeling import generate_reply_ids
+from common.precision import Compute, choose_precision
+from ppo.train import PolicyAndCritic, PPOStageConfig, build_models, sample_replies, score_rollout, token_logprobs
+from tests.conftest import CPU, TINY, chat_rows, write_jsonl
+
+CPU_DEVICE = torch.device("cpu")
+
+
+def test_auto_is_fp32_on_the_cpu_and_bf16_may_be_asked_for():
+    assert choose_precision("auto", CPU_DEVICE) == "fp32"
+    assert choose_precision("bf16", CPU_DEVICE) == "bf16"
+    with pytest.raises(PipelineError, match="fp16 needs a GPU"):
+        choose_precision("fp16", CPU_DEVICE)
+    with pytest.raises(PipelineError, match="must be auto, fp32, bf16 or fp16"):
+        choose_precision("bfloat16", CPU_DEVICE)
+
+
+@pytest.fixture(scope="module")
+def bf16_runs(tmp_path_factory, tiny_base, make_run) -> dict:
+    """SFT, RM and PPO of the tiny config in bf16 autocast on the CPU."""
+    from ppo.train import main as ppo_main
+    from reward_model.train import main as rm_main
+    from sft.train import main as sft_main
+
+    tmp = tmp_path_factory.mktemp("bf16")
+    chat = write_jsonl(tmp / "chat.jsonl", chat_rows(64))
+    sft_main(["--config", str(TINY), "--model", str(tiny_base), "--data", str(chat), "--output_dir", str(tmp / "sft"),
+              "--precision", "bf16"])
+    prefs = make_run / "prefs" / "ranked.jsonl"
+    rm_main(["--config", str(TINY), "--model", str(make_run / "sft"), "--data", str(prefs), "--output_dir",
+             str(tmp / "rm"), "--precision", "bf16"])
+    ppo_main(["--config", str(TINY), "--policy", str(make_run / "sft"), "--reward_model", str(make_run / "rm"),
+              "--prompts", str(make_run / "data" / "prompts_ppo.jsonl"), "--output_dir", str(tmp / "ppo"),
+              "--precision", "bf16"])
+    return {"tmp": tmp, "make_run": make_run}
+
+
+def manifest_metrics(folder) -> dict:
+    return json.loads((folder / "pipeline.json").read_text())["metrics"]
+
+
+def test_sft_and_rm_in_bf16_learn_and_reload(bf16_runs):
+    tmp = bf16_runs["tmp"]
+    sft = manifest_metrics(tmp / "sft")
+    assert math.isfinite(sft["eval_loss"]) and sft["eval_loss"] < sft["base_eval_loss"]
+    assert json.loads((tmp / "sft" / "pipeline.json").read_text())["config"]["precision"] == "bf16"
+    model = AutoModelForCausalLM.from_pretrained(tmp / "sft")
+    assert model.dtype == torch.float32  # trained weights are kept in fp32; bf16 is the compute format
+    assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False).shape == (1, 5)
+    rm = manifest_metrics(tmp / "rm")
+    assert all(math.isfinite(rm[key]) for key in ("train_loss", "eval_accuracy", "reward_mean", "reward_std"))
+    assert AutoModelForSequenceClassification.from_pretrained(tmp / "rm", num_labels=1).config.num_labels == 1
+
+
+def test_ppo_in_bf16_starts_at_kl_zero_and_stays_finite(bf16_runs):
+    ppo = bf16_runs["tmp"] / "ppo"
+    rows = [json.loads(line) for line in (ppo / "metrics.jsonl").read_text().splitlines()]
+    # Policy and reference are the same weights run the same way: not a rounding error of KL, none at all.
+    assert rows[0]["eval/kl"] == 0.0 and rows[1]["objective/kl"] == 0.0
+    assert all(math.isfinite(v) for row in rows for v in row.values() if isinstance(v, float))
+    assert rows[-1]["objective/kl"] > 0  # and then it learns
+    policy = AutoModelForCausalLM.from_pretrained(ppo)
+    assert policy.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False).shape[1] > 3
+
+
+def test_ppo_forwards_leave_no_attention_row_without_a_key(make_run, monkeypatch):
+    """Left-padded rows would reach attention with every key masked; cuDNN's backward turns such rows into NaN
+    gradients on the GPU. Every mask that PPO's forwards (rollout, reference, learning) hand to SDPA must give
+    each query at least one key, and the real tokens must see what the ordinary padding mask gives them."""
+    masks = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(query, key, value, attn_mask=None, **kwargs):
+        masks.append(attn_mask)
+        return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    tokenizer = AutoTokenizer.from_pretrained(make_run / "sft")
+    config = PPOStageConfig(policy=str(make_run / "sft"), reward_model=str(make_run / "rm"), max_new_tokens=6,
+                            generation_batch_size=4, temperature=0.8)
+    policy, critic, reference = build_models(config, tokenizer)
+    model = PolicyAndCritic(policy, critic)
+    rollout = sample_replies(model.policy, tokenizer, [[1, 2, 3, 4, 5, 6], [7], [8, 9], [10, 11, 12]], config, CPU,
+                             seed=0)
+    ids, attention, positions, width = rollout.micro(torch.arange(4))
+    assert (attention[:, 0] == 0).any()  # the batch is left-padded
+    # The plain 2-D mask gives left padding empty rows: the situation this test guards against.
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    plain = reference(input_ids=ids, attention_mask=attention, position_ids=positions).logits
+    assert any(not mask.any(dim=-1).all() for mask in masks)
+    masks.clear()
+    score_rollout(model, reference, rollout, config, CPU)
+    logits, values, _ = model(ids, attention, positions, width)
+    (token_logprobs(logits, ids[:, -width:], 0.8).sum() + values.sum()).backward()
+    monkeypatch.undo()
+    assert masks and all(mask.dtype == torch.bool and mask.any(dim=-1).all() for mask in masks)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    real = rollout.reply_mask.bool()[:, :width]
+    expected = token_logprobs(plain[:, -width - 1:-1], ids[:, -width:], 0.8)
+    assert torch.allclose(rollout.ref_logprobs[:, :width][real], expected[real], atol=1e-5)
+
+
+def test_sampling_from_broken_logits_is_one_error_not_a_device_assert(make_run):
+    tokenizer = AutoTokenizer.from_pretrained(make_run / "sft")
+    model = AutoModelForCausalLM.from_pretrained(make_run / "sft")
+    with torch.no_grad():
+        model.get_output_embeddings().weight.fill_(float("nan"))
+    with pytest.raises(PipelineError, match="eval: sft: the model's logits turned NaN or infinite while sampling"):
+        generate_reply_ids(model, tokenizer, ["hello", "how are you today?"], 4, do_sample=True, what="eval: sft")
+    config = PPOStageConfig(max_new_tokens=4, generation_batch_size=2)
+    with pytest.raises(PipelineError, match="^ppo: the model's logits turned NaN"):
+        sample_replies(model, tokenizer, [[1, 2, 3], [4]], config, Compute(CPU_DEVICE, "bf16"), seed=0)
+
+
+@pytest.mark.parametrize("failure", ["out of memory", "CUDA error", "other"])
+def test_accelerator_failures_are_one_line_with_the_log_kept(failure, capsys):
+    def main(argv):
+        if failure == "out of memory":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
+        if failure == "CUDA error":
+            raise torch.AcceleratorError("CUDA error: device-side assert triggered\nCompile with TORCH_USE_CUDA_DSA")
+        raise RuntimeError("a bug of ours")
+
+    if failure == "other":  # programming errors keep their traceback
+        with pytest.raises(RuntimeError, match="a bug of ours"):
+            run_cli(main, [], stage="ppo", batch_options="micro_batch_size")
+        return
+    with pytest.raises(SystemExit) as exited:
+        run_cli(main, [], stage="ppo", batch_options="micro_batch_size or generation_batch_size")
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ppo: ")
+    if failure == "out of memory":
+        assert "out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in lines[0]
+        assert "lower micro_batch_size or generation_batch_size" in lines[0]
+    else:
+        log = lines[0].split("full log in ")[1].split(";")[0]
+        with open(log) as handle:
+            assert "Traceback" in handle.read()
+
+
+def test_more_processes_than_gpus_is_one_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(PipelineError, match="2 processes on this machine but 1 GPU"):
+        common.distributed.start_processes()
