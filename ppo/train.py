@@ -256,12 +256,13 @@ class KLController:
 def attention_without_empty_rows(model: PreTrainedModel, mask: torch.Tensor) -> torch.Tensor:
     """The causal attention of a padded batch in which every padding position attends to itself.
 
-    With left padding a padding position has no key to attend to: a query row with every key masked. On the
-    GPU that is where bf16 PPO turned NaN: cuDNN's attention (torch's default on H100) fills masked scores with
-    -65504, so such a row's log-sum-exp is about -65000, and its backward then returns NaN gradients for the
-    query, which the optimizer writes into the weights (the next rollout samples from NaN logits). Real tokens
-    see exactly what the 2-D mask gives them; padding rows get one key (themselves) and a finite result nobody
-    reads. Flash attention takes the 2-D mask (it drops padding itself); eager attention adds a float mask."""
+    With left padding a padding position has no key to attend to: a query row with every key masked. cuDNN's
+    attention (torch 2.11's default on H100) fills masked scores with -65504, so such a row's log-sum-exp is
+    about -65000, and its bf16 backward is reported to return NaN query gradients there, which the optimizer
+    writes into the weights (the next rollout then samples from NaN logits): our reading of why bf16 PPO broke
+    on the GPU. Real tokens see exactly what the 2-D mask gives them; padding rows get one key (themselves)
+    and a finite result nobody reads. Flash attention takes the 2-D mask (it drops padding itself); eager
+    attention adds a float mask."""
     implementation = model.config._attn_implementation
     if implementation not in ("sdpa", "eager"):
         return mask
@@ -843,8 +844,9 @@ def main(argv: list[str] | None = None) -> None:
                         if accelerator.sync_gradients:
                             norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                             # A NaN step would be written into the weights (and a checkpoint) before any metric
-                            # showed it; DeepSpeed clips inside its own step and reports no norm here.
-                            if norm is not None and not torch.isfinite(norm):
+                            # showed it. fp16's loss scaler skips overflowing steps itself; DeepSpeed clips inside
+                            # its own step and reports no norm here.
+                            if norm is not None and accelerator.scaler is None and not torch.isfinite(norm):
                                 raise PipelineError(
                                     f"ppo: non-finite gradient norm at update {update + 1} ({norm.item()}); the step "
                                     "was not taken; lower learning_rate or check the reward sources; checkpoints "

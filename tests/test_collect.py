@@ -7,10 +7,11 @@ import pytest
 
 from common.checkpoint import MANIFEST
 from common.errors import PipelineError
+from common.precision import Compute
 from common.reward import RewardScorer
 from data.annotate import main as annotate_main
 from data.collect import main as collect_main
-from tests.conftest import CPU, TINY, run_module
+from tests.conftest import TINY, run_module
 
 
 def by_length(prompts: list[str], replies: list[str], finished: list[bool]) -> list[float]:
@@ -56,7 +57,7 @@ def test_callable_labeller(make_run, tmp_path):
 def test_reward_model_labeller(make_run, tmp_path):
     collect(make_run, tmp_path / "prefs", "--labeller", str(make_run / "rm"), "--num_prompts", "3")
     ranked = read_jsonl(tmp_path / "prefs" / "ranked.jsonl")
-    scorer = RewardScorer.load(str(make_run / "rm"), CPU)
+    scorer = RewardScorer.load(str(make_run / "rm"), Compute.choose("auto"))  # what collect's auto chose
     expected = scorer.judge([ranked[0]["prompt"]] * 4, ranked[0]["responses"], ranked[0]["finished"])
     assert ranked[0]["scores"] == pytest.approx(expected, abs=1e-4)
 

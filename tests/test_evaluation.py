@@ -12,7 +12,7 @@ from common.checkpoint import MANIFEST
 from common.modeling import load_causal_lm
 from evaluation.evaluate import parse_checkpoints, reply_logprobs
 from evaluation.metrics import bootstrap_interval, distinct_n, sequence_kl, win_outcomes
-from tests.conftest import ROOT, TINY, run_module, write_jsonl
+from tests.conftest import CPU, ROOT, TINY, run_module, write_jsonl
 
 
 def test_win_rate_counts_ties_half():
@@ -60,7 +60,7 @@ def test_reply_logprobs_match_one_unpadded_forward(make_run):
     model = load_causal_lm(str(make_run / "sft"))
     prompts = [[5, 6, 7, 8, 9], [11, 12]]
     replies = [[20, 21], [30, 31, 32, 33]]
-    logprobs, mask = reply_logprobs(model, prompts, replies, temperature=0.7, batch_size=2)
+    logprobs, mask = reply_logprobs(model, prompts, replies, temperature=0.7, batch_size=2, compute=CPU)
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
     for row, (prompt, reply) in enumerate(zip(prompts, replies, strict=True)):
         with torch.no_grad():

@@ -14,7 +14,7 @@ from common.errors import PipelineError, run_cli
 from common.modeling import generate_reply_ids
 from common.precision import Compute, choose_precision
 from ppo.train import PolicyAndCritic, PPOStageConfig, build_models, sample_replies, score_rollout, token_logprobs
-from tests.conftest import CPU, TINY, chat_rows, write_jsonl
+from tests.conftest import CPU, TINY, chat_rows, run_module, write_jsonl
 
 CPU_DEVICE = torch.device("cpu")
 
@@ -30,21 +30,21 @@ def test_auto_is_fp32_on_the_cpu_and_bf16_may_be_asked_for():
 
 @pytest.fixture(scope="module")
 def bf16_runs(tmp_path_factory, tiny_base, make_run) -> dict:
-    """SFT, RM and PPO of the tiny config in bf16 autocast on the CPU."""
-    from ppo.train import main as ppo_main
-    from reward_model.train import main as rm_main
-    from sft.train import main as sft_main
-
+    """SFT, RM and PPO of the tiny config in bf16 autocast on the CPU, each in its own process (as `make` runs
+    them; accelerate fixes a process's precision the first time a stage sets it)."""
     tmp = tmp_path_factory.mktemp("bf16")
     chat = write_jsonl(tmp / "chat.jsonl", chat_rows(64))
-    sft_main(["--config", str(TINY), "--model", str(tiny_base), "--data", str(chat), "--output_dir", str(tmp / "sft"),
-              "--precision", "bf16"])
-    prefs = make_run / "prefs" / "ranked.jsonl"
-    rm_main(["--config", str(TINY), "--model", str(make_run / "sft"), "--data", str(prefs), "--output_dir",
-             str(tmp / "rm"), "--precision", "bf16"])
-    ppo_main(["--config", str(TINY), "--policy", str(make_run / "sft"), "--reward_model", str(make_run / "rm"),
-              "--prompts", str(make_run / "data" / "prompts_ppo.jsonl"), "--output_dir", str(tmp / "ppo"),
-              "--precision", "bf16"])
+    bf16 = ["--config", str(TINY), "--precision", "bf16"]
+    stages = [
+        ("sft", "--model", str(tiny_base), "--data", str(chat), "--output_dir", str(tmp / "sft")),
+        ("reward_model", "--model", str(make_run / "sft"), "--data", str(make_run / "prefs" / "ranked.jsonl"),
+         "--output_dir", str(tmp / "rm")),
+        ("ppo", "--policy", str(make_run / "sft"), "--reward_model", str(make_run / "rm"), "--prompts",
+         str(make_run / "data" / "prompts_ppo.jsonl"), "--output_dir", str(tmp / "ppo")),
+    ]
+    for module, *args in stages:
+        result = run_module(module, *bf16, *args, env={"CUDA_VISIBLE_DEVICES": ""})
+        assert result.returncode == 0, result.stderr[-3000:]
     return {"tmp": tmp, "make_run": make_run}
 
 
