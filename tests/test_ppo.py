@@ -9,19 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.errors import PipelineError
-from ppo.train import (
-    PolicyAndCritic,
-    PPOStageConfig,
-    build_models,
-    generalized_advantages,
-    kl_estimate,
-    main,
-    masked_whiten,
-    sample_replies,
-    score_rollout,
-    token_logprobs,
-    token_rewards,
-)
+from ppo.config import PPOStageConfig
+from ppo.core import generalized_advantages, kl_estimate, masked_whiten, token_logprobs, token_rewards
+from ppo.models import PolicyAndCritic, build_models
+from ppo.rollout import sample_replies, score_rollout
+from ppo.train import main
 from tests.conftest import CPU, TINY, kill_when, run_module, write_jsonl
 
 # A learnable synthetic task: an SFT model that answers "I love it." or "I hate it." about equally often,

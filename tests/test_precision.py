@@ -13,7 +13,10 @@ import common.distributed
 from common.errors import PipelineError, run_cli
 from common.modeling import generate_reply_ids
 from common.precision import Compute, choose_precision
-from ppo.train import PolicyAndCritic, PPOStageConfig, build_models, sample_replies, score_rollout, token_logprobs
+from ppo.config import PPOStageConfig
+from ppo.core import token_logprobs
+from ppo.models import PolicyAndCritic, build_models
+from ppo.rollout import sample_replies, score_rollout
 from tests.conftest import CPU, TINY, chat_rows, run_module, write_jsonl
 
 CPU_DEVICE = torch.device("cpu")

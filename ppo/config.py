@@ -1,0 +1,86 @@
+"""PPO's options: one dataclass (`python -m ppo --help` lists them), and the checks that need no model."""
+
+from dataclasses import dataclass, field
+
+from common.errors import PipelineError
+
+
+@dataclass
+class PPOStageConfig:
+    # --- what goes in
+    policy: str = field(default="runs/default/sft", metadata={"help": "initial policy and reference: SFT checkpoint"})
+    reward_model: str = field(default="runs/default/rm", metadata={"help": "reward model checkpoint"})
+    critic: str = field(default="", metadata={"help": "initial critic (a one-logit classifier); empty: the RM"})
+    prompts: str = field(default="runs/default/data/prompts_ppo.jsonl", metadata={"help": "training prompt file"})
+    prompt_column: str = field(default="prompt", metadata={"help": "column of the prompt file that holds prompts"})
+    output_dir: str = field(default="runs/default/ppo", metadata={"help": "where the checkpoint is written"})
+    # --- reward
+    reward_model_weight: float = field(default=1.0, metadata={"help": "weight of the reward model's score"})
+    extra_rewards: str = field(default="", metadata={"help": "more reward sources, 'spec=weight,...': a spec is an "
+                                                              "RM folder or module:function; each is logged"})
+    normalize_reward: bool = field(default=True, metadata={"help": "whiten RM scores with the mean/std the RM "
+                                                                   "stage stored in its pipeline.json"})
+    reward_clip: float = field(default=5.0, metadata={"help": "clip the summed score to [-c, c]; 0: off"})
+    missing_eos_penalty: float = field(default=1.0, metadata={"help": "subtracted from the score of a reply cut "
+                                                                      "off at max_new_tokens (no EOS)"})
+    judge: str = field(default="data.judges:gold_judge", metadata={"help": "judge logged in periodic evaluation "
+                                                                            "(not a reward); empty: none"})
+    # --- rollout
+    num_updates: int = field(default=20, metadata={"help": "PPO updates (rollout + learning) in the whole run"})
+    rollout_batch_size: int = field(default=32, metadata={"help": "episodes (prompts) per update, all processes"})
+    generation_batch_size: int = field(default=16, metadata={"help": "prompts per generate/forward call in the "
+                                                                     "rollout (rollout micro-batching)"})
+    max_prompt_length: int = field(default=128, metadata={"help": "longest templated prompt, in tokens; longer "
+                                                                  "prompts are an error"})
+    max_new_tokens: int = field(default=32, metadata={"help": "reply length limit"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature; log-probs use logits / T"})
+    # --- KL penalty
+    kl_coef: float = field(default=0.05, metadata={"help": "initial per-token KL penalty coefficient"})
+    kl_estimator: str = field(default="k1", metadata={"help": "k1 (log ratio) or k3 (low-variance, non-negative)"})
+    target_kl: float = field(default=0.0, metadata={"help": "adaptive KL: target sequence KL; 0: fixed kl_coef"})
+    kl_horizon: int = field(default=10000, metadata={"help": "adaptive KL horizon in episodes (Ziegler et al.)"})
+    # --- learning
+    ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout batch"})
+    mini_batch_size: int = field(default=8, metadata={"help": "episodes per optimizer step, all processes"})
+    micro_batch_size: int = field(default=4, metadata={"help": "episodes per forward/backward per process"})
+    learning_rate: float = field(default=3e-6, metadata={"help": "policy learning rate (linear decay to 0)"})
+    critic_learning_rate: float = field(default=0.0, metadata={"help": "critic learning rate; 0: learning_rate"})
+    adam_eps: float = field(default=1e-5, metadata={"help": "AdamW epsilon"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient norm clip"})
+    gamma: float = field(default=1.0, metadata={"help": "discount"})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip"})
+    cliprange_value: float = field(default=0.2, metadata={"help": "value clip around the rollout's values"})
+    vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss"})
+    whiten_rewards: bool = field(default=False, metadata={"help": "whiten per-token rewards before GAE"})
+    trainable_layers: int = field(default=0, metadata={"help": "train only the top N blocks of policy and critic "
+                                                                "(a cheap step on a CPU); 0: all"})
+    use_lora: bool = field(default=False, metadata={"help": "train a LoRA adapter on the policy; the reference is "
+                                                            "the policy with the adapter disabled"})
+    critic_use_lora: bool = field(default=False, metadata={"help": "train a LoRA adapter on the critic too"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "peft target modules"})
+    merge: bool = field(default=True, metadata={"help": "merge LoRA adapters into the saved models"})
+    ptx_coef: float = field(default=0.0, metadata={"help": "PPO-ptx: weight of an SFT loss on ptx_data; 0: off"})
+    ptx_data: str = field(default="", metadata={"help": "SFT data for PPO-ptx (any shape `make sft` reads)"})
+    # --- evaluation, checkpoints, run
+    num_eval_prompts: int = field(default=16, metadata={"help": "prompts held out of training for periodic eval"})
+    eval_every: int = field(default=5, metadata={"help": "evaluate every N updates (and before and after); "
+                                                         "0: never"})
+    save_every: int = field(default=5, metadata={"help": "checkpoint the training state every N updates; 0: never"})
+    precision: str = field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16 (auto: bf16 on a GPU that "
+                                                             "has it, fp32 on the CPU)"})
+    seed: int = field(default=42, metadata={"help": "seed for prompt order, sampling and initialisation"})
+    force: bool = field(default=False, metadata={"help": "train again even if the output is up to date"})
+
+
+def validate(config: PPOStageConfig) -> None:
+    if config.kl_estimator not in ("k1", "k3"):
+        raise PipelineError(f"kl_estimator must be k1 or k3, got {config.kl_estimator!r}")
+    if config.temperature <= 0:
+        raise PipelineError(f"temperature must be above 0 (log-probs divide by it), got {config.temperature}")
+    if config.ptx_coef and not config.ptx_data:
+        raise PipelineError("ptx_coef > 0 needs ptx_data: the SFT data to keep fitting (e.g. the SFT train file)")
+    if config.use_lora and config.trainable_layers:
+        raise PipelineError("use_lora and trainable_layers are two ways to train fewer weights; choose one")
