@@ -18,7 +18,7 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from common.checkpoint import RESUME, StagedOutput
 from common.distributed import open_output, output_bytes
 from common.errors import PipelineError
-from common.precision import Compute
+from common.precision import Compute, precision_option
 
 
 @dataclass
@@ -45,8 +45,7 @@ class TrainerOptions:
     merge: bool = field(default=True, metadata={"help": "merge the LoRA adapter into the saved model"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward "
                                                                           "pass: less memory, about 30% more compute"})
-    precision: str = field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16 (auto: bf16 on a GPU that "
-                                                             "has it, fp32 on the CPU)"})
+    precision: str = precision_option()
     seed: int = field(default=42, metadata={"help": "seed for data order, split and initialisation"})
     force: bool = field(default=False, metadata={"help": "retrain even if the output is up to date"})
 

@@ -25,7 +25,7 @@ from common.checkpoint import StagedOutput, describe_input, describe_parent, fin
 from common.config import parse_config
 from common.errors import PipelineError, run_cli
 from common.modeling import generate_replies, load_causal_lm, load_tokenizer
-from common.precision import Compute
+from common.precision import Compute, precision_option
 from data.judges import Judge, load_judge, run_judge
 from data.preferences import PreferencePair, ranking_pairs
 from data.prompts import load_prompts
@@ -43,8 +43,7 @@ class CollectConfig:
     max_new_tokens: int = field(default=32, metadata={"help": "reply length limit; longer replies are cut off"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     prompts_per_batch: int = field(default=8, metadata={"help": "prompts per generate call (x K sequences)"})
-    precision: str = field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16 (auto: bf16 on a GPU that "
-                                                             "has it, fp32 on the CPU)"})
+    precision: str = precision_option()
     min_margin: float = field(default=0.0, metadata={"help": "pairs whose scores differ by no more are dropped"})
     seed: int = field(default=42, metadata={"help": "sampling seed"})
     force: bool = field(default=False, metadata={"help": "collect again even if the output is up to date"})

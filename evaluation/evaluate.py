@@ -28,7 +28,7 @@ from common.checkpoint import StagedOutput, describe_input, describe_parent, fin
 from common.config import parse_config
 from common.errors import PipelineError
 from common.modeling import decode_replies, generate_reply_ids, load_causal_lm, load_tokenizer, pad_sequences
-from common.precision import Compute
+from common.precision import Compute, precision_option
 from common.reward import RewardScorer, prompt_input_ids
 from data.chat import load_chat_examples
 from data.judges import load_judge, run_judge
@@ -58,8 +58,7 @@ class EvalConfig:
     max_perplexity_examples: int = field(default=100, metadata={"help": "SFT eval conversations for perplexity"})
     bootstrap_resamples: int = field(default=1000, metadata={"help": "resamples for the 95% intervals"})
     num_samples: int = field(default=8, metadata={"help": "prompts whose replies the report shows side by side"})
-    precision: str = field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16 (auto: bf16 on a GPU that "
-                                                             "has it, fp32 on the CPU)"})
+    precision: str = precision_option()
     seed: int = field(default=42, metadata={"help": "sampling seed, the same for every checkpoint"})
     force: bool = field(default=False, metadata={"help": "evaluate again even if the report is up to date"})
 

@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 
 from common.errors import PipelineError
+from common.precision import precision_option
 
 
 @dataclass
@@ -69,8 +70,7 @@ class PPOStageConfig:
     eval_every: int = field(default=5, metadata={"help": "evaluate every N updates (and before and after); "
                                                          "0: never"})
     save_every: int = field(default=5, metadata={"help": "checkpoint the training state every N updates; 0: never"})
-    precision: str = field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16 (auto: bf16 on a GPU that "
-                                                             "has it, fp32 on the CPU)"})
+    precision: str = precision_option()
     seed: int = field(default=42, metadata={"help": "seed for prompt order, sampling and initialisation"})
     force: bool = field(default=False, metadata={"help": "train again even if the output is up to date"})
 

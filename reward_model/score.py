@@ -17,7 +17,7 @@ from pathlib import Path
 
 from common.config import parse_config, parse_mapping
 from common.errors import PipelineError, run_cli
-from common.precision import Compute
+from common.precision import Compute, precision_option
 from common.reward import RewardScorer
 from data.chat import Message, RowError, as_messages
 from data.preferences import finished_flag, load_preference_pairs, reply_text
@@ -32,8 +32,7 @@ class ScoreConfig:
     output: str = field(default="", metadata={"help": "JSONL to write; empty: <data>.scores.jsonl next to it"})
     columns: str = field(default="", metadata={"help": "column mapping, e.g. response=answer"})
     batch_size: int = field(default=16, metadata={"help": "sequences per forward pass"})
-    precision: str = field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16 (auto: bf16 on a GPU that "
-                                                             "has it, fp32 on the CPU)"})
+    precision: str = precision_option()
 
 
 def parse_responses(table: Table, columns: dict[str, str]) -> tuple[list[list[Message]], list[str], list[bool]]:
