@@ -44,7 +44,7 @@ class TrainerOptions:
     lora_target_modules: str = field(default="all-linear", metadata={"help": "peft target modules"})
     merge: bool = field(default=True, metadata={"help": "merge the LoRA adapter into the saved model"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward "
-                                                                          "pass: less memory, about 30% more compute"})
+                                                                          "pass: less memory, a third more compute"})
     precision: str = precision_option()
     seed: int = field(default=42, metadata={"help": "seed for data order, split and initialisation"})
     force: bool = field(default=False, metadata={"help": "retrain even if the output is up to date"})

@@ -56,7 +56,7 @@ class EvalConfig:
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature (as in PPO)"})
     batch_size: int = field(default=16, metadata={"help": "prompts per generate call and per forward pass"})
     max_perplexity_examples: int = field(default=100, metadata={"help": "SFT eval conversations for perplexity"})
-    bootstrap_resamples: int = field(default=1000, metadata={"help": "resamples for the 95% intervals"})
+    bootstrap_resamples: int = field(default=1000, metadata={"help": "resamples for the 95 percent intervals"})
     num_samples: int = field(default=8, metadata={"help": "prompts whose replies the report shows side by side"})
     precision: str = precision_option()
     seed: int = field(default=42, metadata={"help": "sampling seed, the same for every checkpoint"})

@@ -46,3 +46,13 @@ def test_mapping_forms():
     assert parse_mapping('{"text": "dialogue"}', "columns") == {"text": "dialogue"}
     with pytest.raises(PipelineError, match="name=column"):
         parse_mapping("messages", "columns")
+
+
+@pytest.mark.parametrize("module", ["sft", "reward_model", "ppo", "data.collect", "evaluation", "reward_model.score",
+                                    "data.chitchat", "common.base_model", "data.annotate"])
+def test_every_stage_lists_its_options(module):
+    # argparse %-formats help texts: a bare "%" in one of them turned `--help` into a traceback.
+    from tests.conftest import run_module
+
+    result = run_module(module, "--help")
+    assert result.returncode == 0 and "--config" in result.stdout, result.stderr[-1500:]
