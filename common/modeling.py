@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import torch
+from peft import AutoPeftModelForCausalLM
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -13,47 +14,44 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from common.adapters import prompt_learning_adapter
 from common.checkpoint import require_checkpoint
 from common.errors import PipelineError
 
-# SmolLM2's own ChatML template with trl's `{% generation %}` markers around each assistant reply and its
-# `<|im_end|>`, so assistant-only loss trains the model to stop. It renders exactly the same text as the
-# original template; trl cannot patch this template itself.
-CHATML_TRAINING_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if loop.first and messages[0]['role'] != 'system' -%}"
-    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{{ '\\n' }}"
-    "{%- else -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
-)
+NEW_PAD_TOKEN = "<|pad|>"
 
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str, chat: bool = True) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer, which must have a chat template and gets a pad distinct from EOS; with
+    `chat` off, as it is (SFT gives a pretrained model both, evaluation lends it the reference's template)."""
     require_checkpoint(path, "model", "run `make base` or pass BASE_MODEL=<path or hub id>")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise PipelineError(f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
+    if not chat:
+        return tokenizer
+    if not tokenizer.chat_template:
+        raise PipelineError(f"{path} has no chat template (a pretrained model): run SFT on it first "
+                            f"(`make sft BASE_MODEL={path}` gives it one)")
     return ensure_distinct_pad(tokenizer, path)
 
 
-def ensure_distinct_pad(tokenizer: PreTrainedTokenizerBase, source: str) -> PreTrainedTokenizerBase:
+def ensure_distinct_pad(tokenizer: PreTrainedTokenizerBase, source: str,
+                        add_missing: bool = False) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         # A pad token equal to EOS hides the real end of each sequence from the loss and from
         # reward read-out; use an existing distinct token rather than growing the vocabulary.
-        candidates = [t for t in ("<|endoftext|>", "<pad>", "<unk>", tokenizer.unk_token) if t]
+        candidates = [t for t in ("<|endoftext|>", "<pad>", "<unk>", "</s>", tokenizer.unk_token) if t]
         vocab = tokenizer.get_vocab()
         distinct = [t for t in candidates if t in vocab and vocab[t] != tokenizer.eos_token_id]
-        if not distinct:
-            raise PipelineError(f"tokenizer of {source} has no pad token distinct from EOS; add one to the tokenizer")
-        tokenizer.pad_token = distinct[0]
+        if distinct:
+            tokenizer.pad_token = distinct[0]
+        elif add_missing:  # SFT, which grows the embeddings to match
+            tokenizer.add_special_tokens({"pad_token": NEW_PAD_TOKEN})
+        else:
+            raise PipelineError(f"tokenizer of {source} has no pad token distinct from EOS; run SFT on it first "
+                                "(it adds one) or add one to the tokenizer")
     return tokenizer
 
 
@@ -81,8 +79,10 @@ def local_or_hub(path: str) -> str:
 def load_causal_lm(path: str) -> PreTrainedModel:
     """A causal LM in fp32 (the trainer casts for mixed precision), dropout as the checkpoint has it."""
     require_checkpoint(path, "model", "run `make base` or pass BASE_MODEL=<path or hub id>")
+    # transformers loads weight adapters (LoRA, IA3) itself; a prompt-learning one needs peft's wrapper.
+    load = AutoPeftModelForCausalLM if prompt_learning_adapter(path) else AutoModelForCausalLM
     try:
-        return AutoModelForCausalLM.from_pretrained(local_or_hub(path), dtype=torch.float32)
+        return load.from_pretrained(local_or_hub(path), dtype=torch.float32)
     except (OSError, ValueError) as err:
         raise PipelineError(f"cannot load a causal LM from {path}: {str(err).splitlines()[0]}") from None
 
@@ -90,6 +90,10 @@ def load_causal_lm(path: str) -> PreTrainedModel:
 def load_reward_model(path: str, pad_token_id: int) -> PreTrainedModel:
     """A one-logit sequence classifier: a reward model, or a causal LM given a new scalar head to train."""
     require_checkpoint(path, "model", "run the stage that writes it first (`make sft` or `make rm`)")
+    if prompt_learning_adapter(path):
+        raise PipelineError(f"{path} is a prefix/p_tuning/prompt adapter, which cannot be merged into whole weights; "
+                            "a reward model starts from whole weights: run SFT with peft_method none, lora, adalora "
+                            "or ia3, or start the reward model from the base model")
     # Starting from a causal LM, transformers warns that the new `score` head is untrained: that is the point.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()

@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from peft import LoraConfig, PeftModel
+from peft import PeftModel
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+from common.adapters import AdapterOptions
 from common.checkpoint import RESUME, StagedOutput
 from common.distributed import open_output, output_bytes
 from common.errors import PipelineError
@@ -22,7 +23,7 @@ from common.precision import Compute, precision_option
 
 
 @dataclass
-class TrainerOptions:
+class TrainerOptions(AdapterOptions):
     max_length: int = field(default=256, metadata={"help": "tokens per example"})
     learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate"})
     num_train_epochs: float = field(default=1.0, metadata={"help": "epochs (max_steps wins when > 0)"})
@@ -37,23 +38,11 @@ class TrainerOptions:
     eval_steps: int = field(default=0, metadata={"help": "evaluate every N steps (0: at the start/end only)"})
     save_steps: int = field(default=50, metadata={"help": "checkpoint the training state every N steps; a rerun "
                                                           "after a kill resumes from the last one; 0: never"})
-    use_lora: bool = field(default=False, metadata={"help": "train a LoRA adapter instead of all weights"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "peft target modules"})
-    merge: bool = field(default=True, metadata={"help": "merge the LoRA adapter into the saved model"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward "
                                                                           "pass: less memory, a third more compute"})
     precision: str = precision_option()
     seed: int = field(default=42, metadata={"help": "seed for data order, split and initialisation"})
     force: bool = field(default=False, metadata={"help": "retrain even if the output is up to date"})
-
-    def lora_config(self, task_type: str) -> LoraConfig | None:
-        if not self.use_lora:
-            return None
-        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                          target_modules=self.lora_target_modules, task_type=task_type)
 
     def trainer_kwargs(self, staging: Path, compute: Compute) -> dict[str, Any]:
         """`compute` is this process's device and resolved precision: fp32 weights, autocast in bf16/fp16."""
@@ -151,8 +140,8 @@ class StopOnNonFinite(TrainerCallback):
 def save_trained_model(trainer: Trainer, staging: Path, options: TrainerOptions, initial: str,
                        load: Callable[[str], PreTrainedModel]) -> PreTrainedModel | None:
     """Write the trained model into `staging` and return it reloaded from there (main process; None on the
-    others). The trainer's save gathers ZeRO-3/FSDP shards into one plain checkpoint; a LoRA adapter is
-    merged into the `initial` weights unless `merge` is off. Reloading proves the folder loads."""
+    others). The trainer's save gathers ZeRO-3/FSDP shards into one plain checkpoint; an adapter is merged
+    into the `initial` weights unless the method or `merge: false` keeps it. Reloading proves the folder loads."""
     trainer.save_model(str(staging))
     # Training is over: models loaded from here on are whole, not built as ZeRO-3 shards (which would wait
     # for the other processes to load their share too).
@@ -160,8 +149,12 @@ def save_trained_model(trainer: Trainer, staging: Path, options: TrainerOptions,
     if not trainer.is_world_process_zero():
         return None
     (staging / "training_args.bin").unlink(missing_ok=True)
-    if options.use_lora and options.merge:
-        merged = PeftModel.from_pretrained(load(initial), str(staging)).merge_and_unload()
+    if options.uses_adapter() and not options.keeps_adapter():
+        base = load(initial)
+        # The chat template may have added tokens: the base then grows as it did before training.
+        if base.get_input_embeddings().num_embeddings != len(trainer.processing_class):
+            base.resize_token_embeddings(len(trainer.processing_class))
+        merged = PeftModel.from_pretrained(base, str(staging)).merge_and_unload()
         for adapter_file in staging.glob("adapter_*"):
             adapter_file.unlink()
         merged.save_pretrained(staging)

@@ -27,7 +27,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 from common.checkpoint import StagedOutput, describe_input, describe_parent, fingerprint, read_manifest, up_to_date
 from common.config import parse_config
 from common.errors import PipelineError
-from common.modeling import decode_replies, generate_reply_ids, load_causal_lm, load_tokenizer, pad_sequences
+from common.modeling import (
+    decode_replies,
+    ensure_distinct_pad,
+    generate_reply_ids,
+    load_causal_lm,
+    load_tokenizer,
+    pad_sequences,
+)
 from common.precision import Compute, precision_option
 from common.reward import RewardScorer, prompt_input_ids
 from data.chat import load_chat_examples
@@ -173,6 +180,18 @@ def run_stage_seconds(run: Path, own: str) -> dict[str, float]:
     return {name: seconds for _, name, seconds in done}
 
 
+def lend_chat_template(tokenizer: PreTrainedTokenizerBase, path: str, reference: str) -> PreTrainedTokenizerBase:
+    """A pretrained model without a chat template (the `base` row) is asked in the reference's format, as
+    plain text where its vocabulary lacks the template's tokens; it only samples, so EOS may pad it."""
+    if tokenizer.chat_template:
+        return ensure_distinct_pad(tokenizer, path)
+    lender = load_tokenizer(reference)
+    tokenizer.chat_template = lender.chat_template
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def same_vocabulary(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
     return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
 
@@ -218,7 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     # Validate everything before the long sampling runs: checkpoints, prompts, judge, reward model, SFT data.
     if config.temperature <= 0:
         raise PipelineError(f"temperature must be above 0 (replies are sampled), got {config.temperature}")
-    tokenizers = {name: load_tokenizer(path) for name, path in checkpoints.items()}
+    tokenizers = {name: lend_chat_template(load_tokenizer(path, chat=False), path, checkpoints[config.reference])
+                  for name, path in checkpoints.items()}
     prompts = load_prompts(config.prompts, config.prompt_column)
     prompts = prompts[: config.num_prompts] if config.num_prompts else prompts
     compute = Compute.choose(config.precision)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from peft import PeftModel
 from torch.utils.tensorboard import SummaryWriter
 
 from common.checkpoint import RESUME
@@ -96,16 +97,15 @@ def whole_weights(accelerator: Accelerator, model: torch.nn.Module):
 
 def save_final(accelerator: Accelerator, model, tokenizer, config: PPOStageConfig, staging: Path) -> None:
     """The policy at the folder's root and the critic in `value/`, each a plain transformers checkpoint
-    (LoRA merged unless merge: false). The full state dict is gathered first (ZeRO-3 shards it)."""
+    (adapters merged unless merge: false). The full state dict is gathered first (ZeRO-3 shards it)."""
     state = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
         return
     unwrapped = accelerator.unwrap_model(model)
-    parts = (("policy", staging, config.use_lora), ("critic", staging / "value", config.critic_use_lora))
-    for name, folder, lora in parts:
+    for name, folder in (("policy", staging), ("critic", staging / "value")):
         network = getattr(unwrapped, name)
         weights = {key[len(name) + 1:]: value for key, value in state.items() if key.startswith(f"{name}.")}
-        if lora and config.merge:
+        if isinstance(network, PeftModel) and config.merge:
             network.load_state_dict(weights)
             network.merge_and_unload().save_pretrained(folder)
         else:

@@ -2,12 +2,20 @@
 
 from dataclasses import dataclass, field
 
+from common.adapters import PROMPT_LEARNING, AdapterOptions, check_peft_method
 from common.errors import PipelineError
 from common.precision import precision_option
 
+# Why PPO takes no prompt-learning adapter (its reference could be the policy with the adapter off, but):
+PPO_REFUSED = dict.fromkeys(PROMPT_LEARNING, "it puts virtual tokens in front of every sequence, and PPO's forwards "
+                            "pass position ids and 4-D attention masks that peft does not extend over them")
+
 
 @dataclass
-class PPOStageConfig:
+class PPOStageConfig(AdapterOptions):
+    """peft_method (from AdapterOptions) is the policy's adapter; with one, the reference is the policy with its
+    adapter disabled (one copy of the weights)."""
+
     # --- what goes in
     policy: str = field(default="runs/default/sft", metadata={"help": "initial policy and reference: SFT checkpoint"})
     reward_model: str = field(default="runs/default/rm", metadata={"help": "reward model checkpoint"})
@@ -56,13 +64,8 @@ class PPOStageConfig:
     whiten_rewards: bool = field(default=False, metadata={"help": "whiten per-token rewards before GAE"})
     trainable_layers: int = field(default=0, metadata={"help": "train only the top N blocks of policy and critic "
                                                                 "(a cheap step on a CPU); 0: all"})
-    use_lora: bool = field(default=False, metadata={"help": "train a LoRA adapter on the policy; the reference is "
-                                                            "the policy with the adapter disabled"})
-    critic_use_lora: bool = field(default=False, metadata={"help": "train a LoRA adapter on the critic too"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "peft target modules"})
-    merge: bool = field(default=True, metadata={"help": "merge LoRA adapters into the saved models"})
+    critic_peft_method: str = field(default="none", metadata={"help": "adapter trained on the critic: none, lora, "
+                                                                       "adalora or ia3"})
     ptx_coef: float = field(default=0.0, metadata={"help": "PPO-ptx: weight of an SFT loss on ptx_data; 0: off"})
     ptx_data: str = field(default="", metadata={"help": "SFT data for PPO-ptx (any shape `make sft` reads)"})
     # --- evaluation, checkpoints, run
@@ -74,13 +77,19 @@ class PPOStageConfig:
     seed: int = field(default=42, metadata={"help": "seed for prompt order, sampling and initialisation"})
     force: bool = field(default=False, metadata={"help": "train again even if the output is up to date"})
 
+    def optimizer_steps(self) -> int:
+        """Steps of the whole run: the learning-rate schedule's (and AdaLoRA's) length."""
+        return self.num_updates * self.ppo_epochs * (self.rollout_batch_size // self.mini_batch_size)
+
 
 def validate(config: PPOStageConfig) -> None:
+    check_peft_method(config.peft_method, "ppo", PPO_REFUSED)
+    check_peft_method(config.critic_peft_method, "ppo critic", PPO_REFUSED)
     if config.kl_estimator not in ("k1", "k3"):
         raise PipelineError(f"kl_estimator must be k1 or k3, got {config.kl_estimator!r}")
     if config.temperature <= 0:
         raise PipelineError(f"temperature must be above 0 (log-probs divide by it), got {config.temperature}")
     if config.ptx_coef and not config.ptx_data:
         raise PipelineError("ptx_coef > 0 needs ptx_data: the SFT data to keep fitting (e.g. the SFT train file)")
-    if config.use_lora and config.trainable_layers:
-        raise PipelineError("use_lora and trainable_layers are two ways to train fewer weights; choose one")
+    if config.trainable_layers and (config.uses_adapter() or config.critic_peft_method != "none"):
+        raise PipelineError("peft_method and trainable_layers are two ways to train fewer weights; choose one")

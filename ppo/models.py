@@ -1,13 +1,16 @@
 """The four networks of PPO: the policy and critic that learn (one module, one optimizer), the frozen
 reference, and the forward passes that read logits and values at the reply's positions."""
 
+import dataclasses
+
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from common.adapters import peft_config
 from common.errors import PipelineError
 from common.modeling import freeze_lower_blocks, load_causal_lm, load_reward_model, load_tokenizer
-from ppo.config import PPOStageConfig
+from ppo.config import PPO_REFUSED, PPOStageConfig
 
 
 def attention_without_empty_rows(model: PreTrainedModel, mask: torch.Tensor) -> torch.Tensor:
@@ -73,24 +76,25 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 def build_models(config: PPOStageConfig, tokenizer: PreTrainedTokenizerBase):
-    """Policy, critic and (unless LoRA makes it the policy with its adapter off) a frozen reference."""
+    """Policy, critic and (unless an adapter makes it the policy with its adapter off) a frozen reference.
+    No adapter dropout: dropout is off everywhere in PPO."""
+    steps = config.optimizer_steps()
     policy = load_causal_lm(config.policy)
     critic = load_reward_model(config.critic or config.reward_model, tokenizer.pad_token_id)
     reference = None
 
-    def lora(task_type: str) -> LoraConfig:  # no LoRA dropout: dropout is off everywhere in PPO
-        return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                          target_modules=config.lora_target_modules, task_type=task_type)
-
-    if config.use_lora:
-        policy = get_peft_model(policy, lora("CAUSAL_LM"))
+    if config.uses_adapter():
+        adapter = peft_config(config, policy, "CAUSAL_LM", "ppo", PPO_REFUSED, steps, dropout=0.0)
+        policy = get_peft_model(policy, adapter)
     else:
         reference = load_causal_lm(config.policy).requires_grad_(False).eval()
         disable_dropout(reference)
         if config.trainable_layers:
             freeze_lower_blocks(policy, config.trainable_layers)
-    if config.critic_use_lora:
-        critic = get_peft_model(critic, lora("SEQ_CLS"))
+    if config.critic_peft_method != "none":
+        critic_options = dataclasses.replace(config, peft_method=config.critic_peft_method)
+        critic = get_peft_model(critic, peft_config(critic_options, critic, "SEQ_CLS", "ppo critic", PPO_REFUSED,
+                                                    steps, dropout=0.0))
     elif config.trainable_layers:
         freeze_lower_blocks(critic, config.trainable_layers)
     for model in (policy, critic):

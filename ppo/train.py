@@ -4,7 +4,7 @@ Usage:
     python -m ppo --config configs/default.yaml                                  # embedded default
     python -m ppo --config configs/default.yaml --prompts my_prompts.jsonl --output_dir runs/mine/ppo
     python -m ppo --config configs/default.yaml --extra_rewards "data.judges:gold_judge=0.5"
-    python -m ppo --config configs/default.yaml --use_lora true                  # reference = adapter off
+    python -m ppo --config configs/default.yaml --peft_method lora               # reference = adapter off
     make ppo NUM_PROCESSES=2                                                     # 2 processes (DDP)
     make ppo ACCELERATE_CONFIG=configs/accelerate/zero3.yaml NUM_PROCESSES=8     # DeepSpeed ZeRO-3
     make ppo                   # after make rm;  make ppo PROMPTS=my_prompts.jsonl for your own prompts
@@ -24,7 +24,7 @@ Where the rest lives: `config` (options), `core` (the maths, no model), `models`
 reference), `rollout` (sampling and scoring replies), `rewards` (reward sources), `heldout` (periodic
 evaluation), `inputs` (prompts, PPO-ptx data), `checkpoints` (metrics, resume state, final folders).
 
-Writes `output_dir` per the checkpoint contract: the policy (merged, or a LoRA adapter with merge: false),
+Writes `output_dir` per the checkpoint contract: the policy (merged, or its adapter with merge: false),
 the critic in `value/`, `metrics.jsonl`, TensorBoard logs and `pipeline.json`. Checkpoints of the whole
 training state go to `.ppo.partial/resume/` every `save_every` updates; a rerun after a kill resumes there.
 """
@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler, set_seed
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+from common.adapters import allocate_adapter_rank, prompt_learning_adapter
 from common.checkpoint import (
     RESUME,
     StagedOutput,
@@ -88,7 +89,7 @@ class PPORun:
     tokenizer: PreTrainedTokenizerBase
     model: torch.nn.Module  # PolicyAndCritic as `accelerate` prepared it (DDP, DeepSpeed)
     unwrapped: PolicyAndCritic
-    reference: PreTrainedModel | None  # None with LoRA: the policy with its adapter off
+    reference: PreTrainedModel | None  # None with an adapter: the policy with its adapter off
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     kl: KLController
@@ -251,6 +252,9 @@ def learning_step(run: PPORun, rollout: Rollout, rows: torch.Tensor, advantages:
                                 "was not taken; lower learning_rate or check the reward sources; checkpoints (if "
                                 f"any) in {run.staging / RESUME} hold only earlier updates")
     run.optimizer.step()
+    if accelerator.sync_gradients:
+        for network in (run.unwrapped.policy, run.unwrapped.critic):  # AdaLoRA moves rank by this step's gradients
+            allocate_adapter_rank(network, run.scheduler.last_epoch)
     run.optimizer.zero_grad()
     if accelerator.sync_gradients:
         run.scheduler.step()
@@ -319,6 +323,9 @@ def prepare(config: PPOStageConfig, state: PartialState, output: StagedOutput, p
     validate(config)
     require_checkpoint(config.policy, "policy", "run `make sft` or pass --policy <checkpoint>")
     require_checkpoint(config.reward_model, "reward model", "run `make rm` or pass REWARD_MODEL=<folder>")
+    if prompt_learning_adapter(config.policy):
+        raise PipelineError(f"ppo: {config.policy} is a prefix/p_tuning/prompt adapter, which cannot be merged; PPO "
+                            "starts from whole weights: run SFT with peft_method none, lora, adalora or ia3")
     tokenizer = load_tokenizer(config.policy)
     if config.critic:
         check_tokenizers_match(config.policy, tokenizer, config.critic)
@@ -345,8 +352,7 @@ def prepare(config: PPOStageConfig, state: PartialState, output: StagedOutput, p
          {"params": [p for p in critic.parameters() if p.requires_grad],
           "lr": config.critic_learning_rate or config.learning_rate}],
         lr=config.learning_rate, eps=config.adam_eps, weight_decay=0.0)
-    steps = config.num_updates * config.ppo_epochs * (config.rollout_batch_size // config.mini_batch_size)
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=steps)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=config.optimizer_steps())
     model, optimizer = accelerator.prepare(PolicyAndCritic(policy, critic), optimizer)
     kl = KLController(config.kl_coef, config.target_kl, config.kl_horizon)
     progress = TrainingProgress(kl)

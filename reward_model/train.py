@@ -3,7 +3,7 @@
 Usage:
     python -m reward_model --config configs/default.yaml                         # on the collected prefs
     python -m reward_model --config configs/default.yaml --data my_prefs.jsonl --output_dir runs/mine/rm
-    python -m reward_model --config configs/default.yaml --use_lora true         # LoRA (merged on save)
+    python -m reward_model --config configs/default.yaml --peft_method lora      # or adalora, ia3 (merged)
     make rm                    # make prefs first, then this
     make rm PREFS=my_prefs.jsonl
     make rm ACCELERATE_CONFIG=configs/accelerate/zero2.yaml NUM_PROCESSES=2   # DeepSpeed ZeRO-2
@@ -26,6 +26,7 @@ import torch
 from transformers import set_seed
 from trl import RewardConfig
 
+from common.adapters import PROMPT_LEARNING, AdaLoraBudget, peft_config, planned_steps
 from common.checkpoint import StagedOutput, describe_input, describe_parent, fingerprint, up_to_date
 from common.config import parse_config, parse_mapping
 from common.distributed import start_processes
@@ -37,6 +38,11 @@ from common.reward import RewardScorer
 from common.training import StopOnNonFinite, TrainerOptions, open_for_training, save_trained_model
 from data.preferences import PreferencePair, check_prompt_lengths, load_preference_pairs
 from reward_model.grouped import GroupCollator, GroupedRewardTrainer, tokenize_groups
+
+# Why a reward model cannot be a prompt-learning adapter.
+PROMPT_LEARNING_REFUSED = dict.fromkeys(
+    PROMPT_LEARNING, "its adapter cannot be merged, and every reader of a reward model (PPO's reward and critic, "
+    "prefs, eval, score) takes a plain sequence classifier")
 
 
 @dataclass
@@ -138,8 +144,8 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     # Validate everything before any work or any output.
-    if config.use_lora and config.trainable_layers:
-        raise PipelineError("use_lora and trainable_layers are two ways to train fewer weights; choose one")
+    if config.uses_adapter() and config.trainable_layers:
+        raise PipelineError("peft_method and trainable_layers are two ways to train fewer weights; choose one")
     compute = Compute.choose(config.precision)
     train, evaluation = load_splits(config)
     tokenizer = load_tokenizer(config.model)
@@ -148,6 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     eval_dataset = tokenize_groups(evaluation, tokenizer, config.max_length, "eval")
     set_seed(config.seed)  # the new score head is initialised from this seed
     model = load_reward_model(config.model, tokenizer.pad_token_id)
+    steps = planned_steps(len(train_dataset), config.per_device_train_batch_size, state.num_processes,
+                          config.gradient_accumulation_steps, config.num_train_epochs, config.max_steps)
+    adapter = peft_config(config, model, "SEQ_CLS", "rm", refused=PROMPT_LEARNING_REFUSED, total_steps=steps)
     if config.trainable_layers:
         trainable = freeze_lower_blocks(model, config.trainable_layers)
         state.print(f"rm: training the top {config.trainable_layers} blocks and the head: {trainable:,} parameters")
@@ -164,8 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        peft_config=config.lora_config("SEQ_CLS"),  # SEQ_CLS keeps the new score head fully trainable
-        callbacks=[JsonlMetricsCallback(staging / "metrics.jsonl"), StopOnNonFinite("rm")],
+        peft_config=adapter,  # SEQ_CLS keeps the new score head fully trainable
+        callbacks=[JsonlMetricsCallback(staging / "metrics.jsonl"), StopOnNonFinite("rm"), AdaLoraBudget()],
     )
     if config.head_learning_rate:
         # The score head starts from random weights next to a trained backbone: at the backbone's small
@@ -199,7 +208,9 @@ def main(argv: list[str] | None = None) -> None:
         "train_seconds": result.metrics["train_runtime"],
         "processes": state.num_processes,
         "resumed_from_step": int(resume.rsplit("-", 1)[1]) if resume else 0,
-        "adapter": bool(config.use_lora and not config.merge),
+        "peft_method": config.peft_method,
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "adapter": config.keeps_adapter(),
     }
     trainer.log({key: value for key, value in metrics.items() if isinstance(value, float)})
     final = output.commit(config, inputs, metrics, print_)

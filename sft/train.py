@@ -3,14 +3,16 @@
 Usage:
     python -m sft --config configs/default.yaml                               # embedded default
     python -m sft --config configs/default.yaml --data my_chats.jsonl --output_dir runs/mine/sft
-    python -m sft --config configs/default.yaml --use_lora true --merge false  # keep a LoRA adapter
-    make sft SFT_DATA=my_chats.jsonl BASE_MODEL=path/or/hub-id
+    python -m sft --config configs/default.yaml --peft_method lora --merge false  # keep a LoRA adapter
+    python -m sft --config configs/default.yaml --peft_method prefix     # or adalora, ia3, p_tuning, prompt
+    make sft SFT_DATA=my_chats.jsonl BASE_MODEL=path/or/hub-id                 # a pretrained model gets ChatML
     make sft NUM_PROCESSES=2                                                   # DDP, 2 processes
     make sft ACCELERATE_CONFIG=configs/accelerate/zero3.yaml NUM_PROCESSES=8   # DeepSpeed ZeRO-3
 
 Reads any SFT data shape `data.chat` accepts, holds out an eval split (or takes `eval_data`), measures
 the base model's eval loss, trains, measures again, and writes `output_dir` per the checkpoint
-contract: a plain transformers checkpoint (a LoRA adapter is merged unless `merge: false`), metrics in
+contract: a plain transformers checkpoint (a LoRA/AdaLoRA/IA3 adapter is merged unless `merge: false`; a
+prefix/p_tuning/prompt adapter is kept on its base), with the chat template every later stage uses, metrics in
 TensorBoard and `metrics.jsonl`, and `pipeline.json`. A rerun with unchanged inputs does nothing; a rerun
 after a kill resumes from the last trainer checkpoint (every `save_steps` steps).
 """
@@ -23,6 +25,8 @@ from datasets import Dataset
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
+from common.adapters import AdaLoraBudget, peft_config, planned_steps
+from common.chat_template import choose_chat_template
 from common.checkpoint import StagedOutput, describe_input, describe_parent, fingerprint, up_to_date
 from common.config import parse_config, parse_mapping
 from common.distributed import start_processes
@@ -45,6 +49,9 @@ class SFTStageConfig(TrainerOptions):
     max_eval_examples: int = field(default=200, metadata={"help": "evaluate on at most this many (0: all)"})
     num_sample_prompts: int = field(default=3, metadata={"help": "eval prompts answered into the manifest"})
     max_new_tokens: int = field(default=48, metadata={"help": "length of those sample answers"})
+    chat_template: str = field(default="auto", metadata={
+        "help": "auto: the model's own template if assistant-only loss can use it (trl patches known ones), else "
+                "ChatML (a pretrained model has none); chatml; or a Jinja file with {% generation %} markers"})
 
 
 def load_splits(config: SFTStageConfig) -> tuple[list, list]:
@@ -75,9 +82,14 @@ def main(argv: list[str] | None = None) -> None:
     # Validate everything before any work or any output.
     compute = Compute.choose(config.precision)
     train, evaluation = load_splits(config)
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = load_tokenizer(config.model, chat=False)
     set_seed(config.seed)
     model = load_causal_lm(config.model)
+    chat = choose_chat_template(tokenizer, model, config.chat_template, config.model)
+    steps = planned_steps(len(train), config.per_device_train_batch_size, state.num_processes,
+                          config.gradient_accumulation_steps, config.num_train_epochs, config.max_steps)
+    adapter = peft_config(config, model, "CAUSAL_LM", "sft", refused={}, total_steps=steps,
+                          new_tokens=tokenizer.convert_tokens_to_ids(chat.added_tokens))
     output = StagedOutput(config.output_dir, "sft")
     staging, resume = open_for_training(output, state, print_, model, config)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(staging / "tensorboard")
@@ -94,11 +106,16 @@ def main(argv: list[str] | None = None) -> None:
         train_dataset=Dataset.from_dict({"messages": train}),
         eval_dataset=Dataset.from_dict({"messages": evaluation}),
         processing_class=tokenizer,
-        peft_config=config.lora_config("CAUSAL_LM"),
-        callbacks=[JsonlMetricsCallback(staging / "metrics.jsonl"), StopOnNonFinite("sft")],
+        peft_config=adapter,
+        callbacks=[JsonlMetricsCallback(staging / "metrics.jsonl"), StopOnNonFinite("sft"), AdaLoraBudget()],
     )
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    state.print(f"sft: chat template {chat.template}; EOS {chat.eos_token}, pad {chat.pad_token}"
+                + (f"; added {', '.join(chat.added_tokens)} (embeddings grown to {len(tokenizer)})"
+                   if chat.added_tokens else ""))
     state.print(f"sft: {len(train)} train / {len(evaluation)} eval examples, {state.num_processes} process(es), "
-                f"{config.model} -> {config.output_dir}" + (f"; resuming from {resume}" if resume else ""))
+                f"{config.peft_method} ({trainable:,} trainable parameters), {config.model} -> {config.output_dir}"
+                + (f"; resuming from {resume}" if resume else ""))
     result = trainer.train(resume_from_checkpoint=resume)
     base_eval_loss = next(row["eval_loss"] for row in trainer.state.log_history if "eval_loss" in row)
     final_eval = trainer.evaluate()
@@ -122,7 +139,11 @@ def main(argv: list[str] | None = None) -> None:
         "train_seconds": result.metrics["train_runtime"],
         "processes": state.num_processes,
         "resumed_from_step": int(resume.rsplit("-", 1)[1]) if resume else 0,
-        "adapter": bool(config.use_lora and not config.merge),
+        "peft_method": config.peft_method,
+        "trainable_parameters": trainable,
+        "adapter": config.keeps_adapter(),
+        "chat_template": chat.template,
+        "added_tokens": chat.added_tokens,
         "samples": [{"prompt": p, "reply": r} for p, r in zip(prompts, replies, strict=True)],
     }
     final = output.commit(config, inputs, metrics, print_)

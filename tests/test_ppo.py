@@ -95,7 +95,7 @@ def test_replies_are_cut_after_the_first_eos_and_rewarded_there(make_run):
 
 def test_lora_reference_is_the_initial_policy_and_micro_batches_reproduce_rollout_logprobs(make_run):
     tokenizer = AutoTokenizer.from_pretrained(make_run / "sft")
-    config = PPOStageConfig(policy=str(make_run / "sft"), reward_model=str(make_run / "rm"), use_lora=True,
+    config = PPOStageConfig(policy=str(make_run / "sft"), reward_model=str(make_run / "rm"), peft_method="lora",
                             max_new_tokens=6, generation_batch_size=4, temperature=0.8)
     torch.manual_seed(0)
     policy, critic, reference = build_models(config, tokenizer)

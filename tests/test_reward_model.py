@@ -128,7 +128,7 @@ def test_cli_error_is_one_line_and_nonzero(tmp_path, tiny_base):
 
 def test_lora_adapter_reloads_and_scores(tmp_path, tiny_base):
     data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(40))
-    output, manifest = train_rm(tmp_path, tiny_base, data, "--max_steps", "4", "--use_lora", "true",
+    output, manifest = train_rm(tmp_path, tiny_base, data, "--max_steps", "4", "--peft_method", "lora",
                                 "--merge", "false", "--lora_r", "4")
     assert (output / "adapter_config.json").is_file() and manifest["metrics"]["adapter"]
     # The adapter records its base (the SFT causal LM); its one-logit head needs num_labels=1 on loading.
@@ -178,7 +178,7 @@ def test_trainable_layers_freeze_the_lower_blocks(tmp_path, tiny_base):
     with pytest.raises(PipelineError, match=r"trainable_layers must be from 1 to 2"):
         train_rm(tmp_path / "bad", tiny_base, data, "--trainable_layers", "5")
     with pytest.raises(PipelineError, match=r"choose one"):
-        train_rm(tmp_path / "bad", tiny_base, data, "--trainable_layers", "1", "--use_lora", "true")
+        train_rm(tmp_path / "bad", tiny_base, data, "--trainable_layers", "1", "--peft_method", "lora")
 
 
 def test_a_ranking_is_one_group_each_reply_scored_once_and_the_loss_averages_its_pairs(tiny_base):

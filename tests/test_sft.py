@@ -78,7 +78,7 @@ def test_rerun_with_same_inputs_is_skipped(full_run, tiny_base, capsys):
 
 
 def test_lora_merged_is_a_plain_model(tmp_path, tiny_base):
-    output, _, manifest = train_tiny(tmp_path, tiny_base, "--use_lora", "true", "--learning_rate", "1e-2")
+    output, _, manifest = train_tiny(tmp_path, tiny_base, "--peft_method", "lora", "--learning_rate", "1e-2")
     assert not (output / "adapter_config.json").exists()
     assert manifest["metrics"]["adapter"] is False
     assert manifest["metrics"]["eval_loss"] < manifest["metrics"]["base_eval_loss"]
@@ -91,7 +91,7 @@ def test_lora_merged_is_a_plain_model(tmp_path, tiny_base):
 
 
 def test_lora_unmerged_keeps_adapter_with_base_recorded(tmp_path, tiny_base):
-    output, _, manifest = train_tiny(tmp_path, tiny_base, "--use_lora", "true", "--merge", "false",
+    output, _, manifest = train_tiny(tmp_path, tiny_base, "--peft_method", "lora", "--merge", "false",
                                      "--learning_rate", "1e-2")
     adapter = json.loads((output / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(tiny_base.resolve())
