@@ -51,7 +51,7 @@ class SFTStageConfig(TrainerOptions):
     max_new_tokens: int = field(default=48, metadata={"help": "length of those sample answers"})
     chat_template: str = field(default="auto", metadata={
         "help": "auto: the model's own template if assistant-only loss can use it (trl patches known ones), else "
-                "ChatML (a pretrained model has none); chatml; or a Jinja file with {% generation %} markers"})
+                "ChatML (a pretrained model has none); chatml; or a Jinja file with trl's generation markers"})
 
 
 def load_splits(config: SFTStageConfig) -> tuple[list, list]:
