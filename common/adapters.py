@@ -12,7 +12,8 @@
     prompt    PromptTuningConfig                       virtual token embeddings at the input only  adapter
 
 The prompt-learning methods (prefix, p_tuning, prompt) change what the model attends to, not its weights,
-so they cannot be merged: their checkpoint is base model + adapter, and `load_adapter_model` reads it.
+so they cannot be merged: their checkpoint is base model + adapter, which `common.modeling.load_causal_lm`
+reads through peft.
 """
 
 import json
