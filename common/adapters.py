@@ -112,6 +112,19 @@ def peft_config(options: AdapterOptions, model: PreTrainedModel, task_type: str,
                               encoder_hidden_size=model.config.hidden_size, task_type=task_type)
 
 
+def start_prefix_from_tokens(model: PeftModel, token_ids: torch.Tensor) -> None:
+    """Set a P-tuning v2 prefix (prefix tuning without the MLP) to the keys and values the model itself computes
+    for `token_ids`, so training starts as if those real tokens preceded every prompt. peft's default, N(0, 1)
+    keys and values, is noise far larger than real ones: on SmolLM2 it lifted the eval loss before any step
+    from 4.36 to 8.42, and 64 steps did not win it back."""
+    encoder = model.prompt_encoder[model.active_adapter]
+    with torch.no_grad():
+        cache = model.get_base_model()(input_ids=token_ids[None].to(model.device), use_cache=True).past_key_values
+        # peft reads a prefix row as [layer 0 keys, layer 0 values, layer 1 keys, ...], each heads x head_dim.
+        rows = [tensor[0].transpose(0, 1).flatten(1) for layer in cache.layers for tensor in (layer.keys, layer.values)]
+        encoder.embedding.weight.copy_(torch.cat(rows, dim=1))
+
+
 def new_token_training(model: PreTrainedModel, token_ids: list[int]) -> dict:
     """LoRA options that train the embedding rows of new tokens (`trainable_token_indices`) and, when the output
     layer is not tied to them, the whole output layer: a new end-of-turn token needs its own logit to ever be

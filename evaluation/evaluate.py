@@ -182,13 +182,12 @@ def run_stage_seconds(run: Path, own: str) -> dict[str, float]:
 
 def lend_chat_template(tokenizer: PreTrainedTokenizerBase, path: str, reference: str) -> PreTrainedTokenizerBase:
     """A pretrained model without a chat template (the `base` row) is asked in the reference's format, as
-    plain text where its vocabulary lacks the template's tokens; it only samples, so EOS may pad it."""
+    plain text where its vocabulary lacks the template's tokens. It only samples, so EOS pads it: a pad token
+    its tokenizer class adds by default (Qwen2's `<|endoftext|>`) may lie beyond the model's embeddings."""
     if tokenizer.chat_template:
         return ensure_distinct_pad(tokenizer, path)
-    lender = load_tokenizer(reference)
-    tokenizer.chat_template = lender.chat_template
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.chat_template = load_tokenizer(reference).chat_template
+    tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 

@@ -21,11 +21,12 @@ import math
 import os
 from dataclasses import dataclass, field
 
+import torch
 from datasets import Dataset
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
-from common.adapters import AdaLoraBudget, peft_config, planned_steps
+from common.adapters import AdaLoraBudget, peft_config, planned_steps, start_prefix_from_tokens
 from common.chat_template import choose_chat_template
 from common.checkpoint import StagedOutput, describe_input, describe_parent, fingerprint, up_to_date
 from common.config import parse_config, parse_mapping
@@ -109,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
         peft_config=adapter,
         callbacks=[JsonlMetricsCallback(staging / "metrics.jsonl"), StopOnNonFinite("sft"), AdaLoraBudget()],
     )
+    if config.peft_method == "p_tuning":
+        start_prefix_from_tokens(trainer.model, torch.randint(len(tokenizer), (config.num_virtual_tokens,)))
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     state.print(f"sft: chat template {chat.template}; EOS {chat.eos_token}, pad {chat.pad_token}"
                 + (f"; added {', '.join(chat.added_tokens)} (embeddings grown to {len(tokenizer)})"

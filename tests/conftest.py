@@ -2,6 +2,7 @@
 
 import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -36,6 +37,28 @@ def run_module(module: str, *args: str, cwd: Path = ROOT, env: dict[str, str] | 
                ) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+def run_in_process(module: str, *args: str) -> int:
+    """`python -m module args` inside the test process: the same entry point, argument parsing and one-line
+    error handling (run_cli), without the 8-10 s a new interpreter spends importing torch and transformers.
+    Its exit code; read what it printed with capsys. Tests of the real command line use run_module."""
+    saved = sys.argv
+    sys.argv = [module, *args]
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as ended:
+        return ended.code if isinstance(ended.code, int) else int(ended.code is not None)
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def one_error_line(stderr: str) -> str:
+    """The single `error: ...` line a refused input prints; asserts there is exactly one and no traceback."""
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-2000:]
+    return lines[0]
 
 
 def kill_when(module: str, args: list[str], ready: Callable[[], bool], timeout: float = 180) -> None:

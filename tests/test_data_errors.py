@@ -7,7 +7,7 @@ import pytest
 
 from common.errors import PipelineError
 from data.chat import load_chat_examples
-from tests.conftest import chat_rows, run_module, write_jsonl
+from tests.conftest import TINY, chat_rows, one_error_line, run_in_process, run_module, write_jsonl
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 
@@ -55,23 +55,20 @@ def test_count_of_other_bad_rows(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["malformed json", "role order", "empty assistant"])
-def test_cli_exits_with_one_line_and_writes_nothing(tmp_path, tiny_base, case):
+def test_cli_exits_with_one_line_and_writes_nothing(tmp_path, tiny_base, case, capsys):
     path, pattern = broken_files(tmp_path)[case]
     output = tmp_path / "run" / "sft"
-    result = run_module("sft", "--config", "configs/tiny.yaml", "--model", str(tiny_base), "--data", str(path),
-                        "--output_dir", str(output))
-    assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr
-    assert re.search(pattern, lines[0])
+    code = run_in_process("sft", "--config", str(TINY), "--model", str(tiny_base), "--data", str(path),
+                          "--output_dir", str(output))
+    assert code == 2 and re.search(pattern, one_error_line(capsys.readouterr().err))
     assert not output.parent.exists()
 
 
 def test_missing_base_model_is_one_clear_error(tmp_path):
+    # The real command line, in a fresh interpreter: one line on stderr and nothing else (no library warning).
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(8))
     result = run_module("sft", "--model", str(tmp_path / "no-model"), "--data", str(data),
                         "--output_dir", str(tmp_path / "sft"))
-    assert result.returncode == 2
-    assert "no-model does not exist; run `make base`" in result.stderr
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: ") and "no-model does not exist; run `make base`" in result.stderr
     assert not (tmp_path / "sft").exists()

@@ -12,7 +12,7 @@ from common.checkpoint import MANIFEST
 from common.modeling import load_causal_lm
 from evaluation.evaluate import parse_checkpoints, reply_logprobs
 from evaluation.metrics import bootstrap_interval, distinct_n, sequence_kl, win_outcomes
-from tests.conftest import CPU, ROOT, TINY, run_module, write_jsonl
+from tests.conftest import CPU, ROOT, TINY, one_error_line, run_in_process, write_jsonl
 
 
 def test_win_rate_counts_ties_half():
@@ -98,16 +98,6 @@ def test_make_all_writes_the_report(make_run):
     assert json.loads((folder / MANIFEST).read_text())["stage"] == "eval"
 
 
-def test_second_make_eval_is_skipped_and_prints_the_headline(make_run):
-    before = (make_run / "eval" / MANIFEST).read_text()
-    result = subprocess.run(["make", "eval", f"CONFIG={TINY}", f"RUN={make_run}"], cwd=ROOT, capture_output=True,
-                            text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "eval: " in result.stdout and "is up to date" in result.stdout
-    assert "ppo vs sft under the judge: win rate" in result.stdout
-    assert (make_run / "eval" / MANIFEST).read_text() == before
-
-
 def test_user_checkpoints_and_prompts(make_run, tmp_path):
     prompts = write_jsonl(tmp_path / "mine.jsonl", [{"question": f"how is the weather on day {i}?"} for i in range(5)])
     output = tmp_path / "eval"
@@ -128,7 +118,7 @@ def test_user_checkpoints_and_prompts(make_run, tmp_path):
     ("empty", "{empty}"),
     ("judge", "cannot import module 'no_such_module'"),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(make_run, tmp_path, case, pattern):
+def test_bad_input_is_one_line_and_writes_nothing(make_run, tmp_path, case, pattern, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     missing = tmp_path / "no_such_checkpoint"
@@ -137,9 +127,7 @@ def test_bad_input_is_one_line_and_writes_nothing(make_run, tmp_path, case, patt
     args.update({"missing": {"checkpoints": f"sft={make_run / 'sft'},mine={missing}"}, "empty": {"prompts": str(empty)},
                  "judge": {"judge": "no_such_module:judge"}}[case])
     output = tmp_path / "eval"
-    result = run_module("evaluation", "--config", str(TINY), "--output_dir", str(output), "--reward_model", "",
-                        *[item for key, value in args.items() for item in (f"--{key}", value)])
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
-    assert pattern.format(missing=missing, empty=empty) in result.stderr
+    code = run_in_process("evaluation", "--config", str(TINY), "--output_dir", str(output), "--reward_model", "",
+                          *[item for key, value in args.items() for item in (f"--{key}", value)])
+    assert code == 2 and pattern.format(missing=missing, empty=empty) in one_error_line(capsys.readouterr().err)
     assert not output.exists() and not (tmp_path / ".eval.partial").exists()

@@ -44,45 +44,39 @@ def test_bundled_splits_are_valid_and_disjoint(make_run):
 
 
 def test_second_make_skips_unchanged_stages(make_run):
-    before = {stage: (make_run / stage / MANIFEST).read_text() for stage in ("sft", "prefs", "rm")}
+    stages = ("base", "data", "sft", "prefs", "rm", "ppo", "eval")
+    before = {stage: (make_run / stage / MANIFEST).read_text() for stage in stages}
     result = subprocess.run(["make", "rm", f"CONFIG={TINY}", f"RUN={make_run}", "ARGS=--no_such_option 1"],
                             cwd=ROOT, capture_output=True, text=True)
     # ARGS reach only the stage named on the command line: rm refuses the option, the others never see it.
     assert result.returncode != 0 and "unknown command-line argument(s): --no_such_option" in result.stderr
     for stage in ("sft", "prefs"):
         assert f"{stage}: " in result.stdout and "is up to date" in result.stdout
-    result = subprocess.run(["make", "rm", f"CONFIG={TINY}", f"RUN={make_run}"], cwd=ROOT, capture_output=True,
+    result = subprocess.run(["make", "eval", f"CONFIG={TINY}", f"RUN={make_run}"], cwd=ROOT, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "rm: " in result.stdout and result.stdout.count("is up to date") == 5  # base, data, sft, prefs, rm
-    assert {stage: (make_run / stage / MANIFEST).read_text() for stage in before} == before
+    assert result.stdout.count("is up to date") == len(stages), result.stdout
+    # A skipped evaluation still prints its headline, so a rerun of `make all` ends with the result.
+    assert "ppo vs sft under the judge: win rate" in result.stdout
+    assert {stage: (make_run / stage / MANIFEST).read_text() for stage in stages} == before
 
 
-def test_make_sft_with_user_data(make_run, tmp_path):
-    data = write_jsonl(tmp_path / "mine.jsonl", chat_rows(40))
-    run = tmp_path / "run"
-    # Reuse the built base so only the user-data path is exercised.
-    result = subprocess.run(["make", "sft", f"CONFIG={TINY}", f"RUN={run}", f"SFT_DATA={data}",
-                             f"BASE_MODEL={make_run / 'base'}", "ARGS=--max_steps 3"],
-                            cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    manifest = json.loads((run / "sft" / MANIFEST).read_text())
-    assert manifest["inputs"]["data"]["path"] == str(data.resolve())
-    assert "eval_data" not in manifest["inputs"] and manifest["metrics"]["steps"] == 3
-    assert not (run / "data").exists() and not (run / "base").exists()
-
-
-def test_make_rm_with_user_preferences(make_run, tmp_path):
+def test_make_rm_with_user_model_chat_data_and_preferences(make_run, tmp_path):
+    """`make rm` with the user's base model, SFT data and preferences: no embedded stage is built."""
     prefix = "\n\nHuman: what do you think of the {}?"
     rows = [{"chosen": prefix.format(i) + "\n\nAssistant: I love it!",
              "rejected": prefix.format(i) + "\n\nAssistant: I hate it."} for i in range(30)]
     prefs = write_jsonl(tmp_path / "hh.jsonl", rows)
+    chat = write_jsonl(tmp_path / "mine.jsonl", chat_rows(48))
     run = tmp_path / "run"
     result = subprocess.run(["make", "rm", f"CONFIG={TINY}", f"RUN={run}", f"PREFS={prefs}",
-                             f"BASE_MODEL={make_run / 'base'}", f"SFT_DATA={make_run / 'data' / 'sft_eval.jsonl'}",
-                             "ARGS=--max_steps 3"], cwd=ROOT, capture_output=True, text=True)
+                             f"BASE_MODEL={make_run / 'base'}", f"SFT_DATA={chat}", "ARGS=--max_steps 3"],
+                            cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     manifest = json.loads((run / "rm" / MANIFEST).read_text())
     assert manifest["inputs"]["data"]["path"] == str(prefs.resolve()) and manifest["metrics"]["steps"] == 3
-    assert json.loads((run / "sft" / MANIFEST).read_text())["metrics"]["steps"] == 12  # ARGS went to rm only
-    assert not (run / "prefs").exists()
+    sft = json.loads((run / "sft" / MANIFEST).read_text())
+    assert sft["metrics"]["steps"] == 12  # ARGS went to rm only
+    # The embedded eval split is not mixed in: SFT holds out a share of the user's own data instead.
+    assert sft["inputs"]["data"]["path"] == str(chat.resolve()) and "eval_data" not in sft["inputs"]
+    assert not any((run / folder).exists() for folder in ("base", "data", "prefs"))

@@ -14,7 +14,7 @@ from ppo.core import generalized_advantages, kl_estimate, masked_whiten, token_l
 from ppo.models import PolicyAndCritic, build_models
 from ppo.rollout import sample_replies, score_rollout
 from ppo.train import main
-from tests.conftest import CPU, TINY, kill_when, run_module, write_jsonl
+from tests.conftest import CPU, TINY, kill_when, one_error_line, run_in_process, run_module, write_jsonl
 
 # A learnable synthetic task: an SFT model that answers "I love it." or "I hate it." about equally often,
 # and a reward of 1 for "love". PPO should shift the policy towards "love" within a few updates.
@@ -177,18 +177,18 @@ def test_reward_rises_on_a_learnable_synthetic_reward(make_run, tiny_base, tmp_p
     assert rows[-1]["eval/reward"] > rows[0]["eval/reward"], (rows[0], rows[-1])
 
 
-def test_kill_and_resume_reaches_the_same_updates_and_weights(make_run, tmp_path):
+def test_kill_and_resume_reaches_the_same_updates_and_weights(make_run, tmp_path, capsys):
     from safetensors.torch import load_file
 
     straight = tmp_path / "straight"
-    assert run_module("ppo", *ppo_args(make_run, straight, "--num_updates", "6")).returncode == 0
+    assert run_in_process("ppo", *ppo_args(make_run, straight, "--num_updates", "6")) == 0
     resumed = tmp_path / "resumed"
     pointer = tmp_path / ".resumed.partial" / "resume" / "latest.json"
     kill_when("ppo", ppo_args(make_run, resumed, "--num_updates", "6"), pointer.exists)
     assert not (resumed / "pipeline.json").exists()  # killed: nothing looks complete
-    result = run_module("ppo", *ppo_args(make_run, resumed, "--num_updates", "6"))
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "resuming from" in result.stdout
+    capsys.readouterr()
+    assert run_in_process("ppo", *ppo_args(make_run, resumed, "--num_updates", "6")) == 0
+    assert "resuming from" in capsys.readouterr().out
     manifest = json.loads((resumed / "pipeline.json").read_text())
     assert manifest["metrics"]["updates"] == 6
     rows = [json.loads(line)["update"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
@@ -200,7 +200,7 @@ def test_kill_and_resume_reaches_the_same_updates_and_weights(make_run, tmp_path
 
 @pytest.mark.parametrize("case", ["missing_policy", "missing_rm", "empty_prompts", "long_prompt",
                                   "tokenizer_mismatch", "bad_reward_spec", "bad_batch_sizes"])
-def test_input_errors_give_one_line_and_write_nothing(make_run, tmp_path, case):
+def test_input_errors_give_one_line_and_write_nothing(make_run, tmp_path, case, capsys):
     output = tmp_path / "ppo"
     args = ppo_args(make_run, output)
     if case == "missing_policy":
@@ -232,11 +232,8 @@ def test_input_errors_give_one_line_and_write_nothing(make_run, tmp_path, case):
     else:
         args += ["--mini_batch_size", "3"]
         expected = "multiple of"
-    result = run_module("ppo", *args)
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    assert run_in_process("ppo", *args) == 2
+    assert expected in one_error_line(capsys.readouterr().err)
     assert not output.exists() and not (tmp_path / ".ppo.partial").exists()
 
 

@@ -34,16 +34,17 @@ def test_auto_is_fp32_on_the_cpu_and_bf16_may_be_asked_for():
 @pytest.fixture(scope="module")
 def bf16_runs(tmp_path_factory, tiny_base, make_run) -> dict:
     """SFT, RM and PPO of the tiny config in bf16 autocast on the CPU, each in its own process (as `make` runs
-    them; accelerate fixes a process's precision the first time a stage sets it)."""
+    them; accelerate fixes a process's precision the first time a stage sets it). Half the tiny config's steps:
+    bf16 on a CPU without bf16 instructions is slow, and learning is visible sooner."""
     tmp = tmp_path_factory.mktemp("bf16")
     chat = write_jsonl(tmp / "chat.jsonl", chat_rows(64))
     bf16 = ["--config", str(TINY), "--precision", "bf16"]
     stages = [
-        ("sft", "--model", str(tiny_base), "--data", str(chat), "--output_dir", str(tmp / "sft")),
+        ("sft", "--model", str(tiny_base), "--data", str(chat), "--output_dir", str(tmp / "sft"), "--max_steps", "6"),
         ("reward_model", "--model", str(make_run / "sft"), "--data", str(make_run / "prefs" / "ranked.jsonl"),
-         "--output_dir", str(tmp / "rm")),
+         "--output_dir", str(tmp / "rm"), "--max_steps", "8"),
         ("ppo", "--policy", str(make_run / "sft"), "--reward_model", str(make_run / "rm"), "--prompts",
-         str(make_run / "data" / "prompts_ppo.jsonl"), "--output_dir", str(tmp / "ppo")),
+         str(make_run / "data" / "prompts_ppo.jsonl"), "--output_dir", str(tmp / "ppo"), "--num_updates", "2"),
     ]
     for module, *args in stages:
         result = run_module(module, *bf16, *args, env={"CUDA_VISIBLE_DEVICES": ""})

@@ -15,7 +15,7 @@ from data.preferences import PreferencePair
 from reward_model.grouped import GroupCollator, grouped_loss, tokenize_groups
 from reward_model.score import main as score_main
 from reward_model.train import main as rm_main
-from tests.conftest import CPU, TINY, kill_when, resumable_checkpoints, run_module, write_jsonl
+from tests.conftest import CPU, TINY, kill_when, resumable_checkpoints, run_in_process, run_module, write_jsonl
 
 TOPICS = ["apple", "river", "stone", "cloud", "tiger", "music", "paper", "green", "ocean", "train", "bread",
           "chair", "snow", "lamp", "garden", "clock", "horse", "bridge", "candle", "forest"]
@@ -204,19 +204,19 @@ def test_a_ranking_is_one_group_each_reply_scored_once_and_the_loss_averages_its
                         rel_tol=1e-5)
 
 
-def test_kill_and_rerun_resumes_to_the_same_result(tmp_path, tiny_base):
+def test_kill_and_rerun_resumes_to_the_same_result(tmp_path, tiny_base, capsys):
     data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(80))
     args = ["--config", str(TINY), "--model", str(tiny_base), "--data", str(data), "--max_steps", "20",
             "--save_steps", "4"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run_module("reward_model", *args, "--output_dir", str(straight)).returncode == 0
+    assert run_in_process("reward_model", *args, "--output_dir", str(straight)) == 0
     staging = tmp_path / ".resumed.partial"
     kill_when("reward_model", [*args, "--output_dir", str(resumed)], lambda: len(resumable_checkpoints(staging)) >= 2)
     assert staging.exists() and not resumed.exists()
 
-    rerun = run_module("reward_model", *args, "--output_dir", str(resumed))
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert "resuming from" in rerun.stdout
+    capsys.readouterr()
+    assert run_in_process("reward_model", *args, "--output_dir", str(resumed)) == 0
+    assert "resuming from" in capsys.readouterr().out
     metrics = json.loads((resumed / MANIFEST).read_text())["metrics"]
     expected = json.loads((straight / MANIFEST).read_text())["metrics"]
     assert metrics["steps"] == 20 and metrics["resumed_from_step"] >= 8
