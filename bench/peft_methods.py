@@ -36,11 +36,15 @@ def metrics_of(folder: Path) -> dict:
     return json.loads((folder / "pipeline.json").read_text())["metrics"]
 
 
-def stage(module: str, options: list[str]) -> tuple[dict, float, float]:
-    """Run one stage as `make` does; its manifest metrics, wall seconds and peak resident MiB."""
+def stage(module: str, options: list[str]) -> tuple[dict, float | None, float | None]:
+    """Run one stage as `make` does; its manifest metrics, wall seconds and peak resident MiB. A stage whose
+    output is up to date (an earlier bench trained it) is not run again: its metrics are the earlier run's,
+    and its wall time and memory are None (not measured now)."""
     output = Path(options[options.index("--output_dir") + 1])
     started = time.perf_counter()
-    _, peak_mib = peak_rss_of([sys.executable, "-m", module, "--config", str(DEFAULT), *options])
+    stdout, peak_mib = peak_rss_of([sys.executable, "-m", module, "--config", str(DEFAULT), *options])
+    if "is up to date" in stdout:
+        return metrics_of(output), None, None
     return metrics_of(output), time.perf_counter() - started, peak_mib
 
 
@@ -89,15 +93,13 @@ def merged(path: Path, results: dict) -> dict:
 def print_tables(sft_rows: list[dict], rm_rows: list[dict]) -> None:
     full = next((row for row in sft_rows if row["method"] == "none"), None)
     print("\n| SFT method | learning rate | trainable parameters | train time | vs full | peak MiB "
-          "| eval loss | perplexity |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| eval loss, step 0 -> end | perplexity |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in sft_rows:
         ratio = f"{row['train_seconds'] / full['train_seconds']:.2f}x" if full else "-"
+        peak = f"{row['peak_mib']:.0f}" if row["peak_mib"] else "earlier run"
         print(f"| {row['method']} | {row['learning_rate']:g} | {row['trainable_parameters']:,} "
-              f"| {row['train_seconds']:.0f} s | {ratio} | {row['peak_mib']:.0f} | {row['eval_loss']:.3f} "
-              f"| {row['eval_perplexity']:.1f} |")
-    if sft_rows:
-        print(f"\nbefore SFT: eval loss {sft_rows[0]['base_eval_loss']:.3f}, "
-              f"perplexity {sft_rows[0]['base_eval_perplexity']:.1f}")
+              f"| {row['train_seconds']:.0f} s | {ratio} | {peak} "
+              f"| {row['base_eval_loss']:.3f} -> {row['eval_loss']:.3f} | {row['eval_perplexity']:.1f} |")
     if rm_rows:
         print("\n| RM method | learning rate | trainable parameters | train time | held-out accuracy | margin |"
               "\n| --- | --- | --- | --- | --- | --- |")
