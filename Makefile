@@ -5,6 +5,7 @@
 #   make rm         stage 2: reward model on the preferences    (PREFS= for your own preference file)
 #   make ppo        stage 3: PPO against the reward model       (PROMPTS= for your own prompt file)
 #   make eval       base vs SFT vs PPO on held-out prompts: $(RUN)/eval/report.md (CHECKPOINTS=, EVAL_PROMPTS=)
+#   make rounds     iterated RLHF: ROUNDS=N rounds of prefs -> rm -> ppo from the latest policy, one report
 #   make score      score DATA=replies.jsonl (or pairs) with the reward model (REWARD_MODEL= another)
 #   make prefs-export / prefs-import   human labelling: ANNOTATE=file.csv|.jsonl out to annotators and back
 #   make bench      benchmarks: SFT/RM tokens/s vs plain trl, PPO vs trl 1.12, peak memory, FLOP/s vs matmul peak
@@ -52,12 +53,12 @@ EVAL_PROMPTS ?= $(RUN)/data/prompts_eval.jsonl
 # ARGS reach only the stage the user named: `make rm ARGS="--learning_rate 1e-5"` must not retrain SFT.
 args_for = $(if $(filter $(1),$(MAKECMDGOALS)),$(ARGS))
 
-.PHONY: all setup base data sft prefs rm ppo eval bench bench-peft score prefs-export prefs-import test lint clean help
+.PHONY: all setup base data sft prefs rm ppo eval rounds bench bench-peft score prefs-export prefs-import test lint clean help
 
 all: eval
 
 help:
-	@sed -n '1,18p' Makefile
+	@sed -n '1,19p' Makefile
 
 setup: $(SETUP_STAMP)
 
@@ -100,15 +101,62 @@ eval: $(if $(CHECKPOINTS),setup,ppo)
 		--reward_model "$(wildcard $(REWARD_MODEL))" --sft_eval_data "$(wildcard $(SFT_EVAL))" \
 		--output_dir $(RUN)/eval $(call args_for,eval)
 
+# Iterated RLHF. Round 1 is the chain above; round r = 2..ROUNDS samples preferences from policy r-1 on
+# prompts no earlier round used, trains RM r on every round's comparisons (warm start from RM r-1;
+# RM_START=sft starts from SFT) and runs PPO from policy r-1 against RM r with the KL reference fixed at SFT
+# (KL_REFERENCE=previous: policy r-1). Round r's folders are $(RUN)/round<r>/{prefs,rm,ppo}; the report,
+# with each round against SFT and against the round before, is $(RUN)/rounds_eval/report.md.
+ROUNDS ?= 2
+ROUND ?= 1
+RM_START ?= previous
+KL_REFERENCE ?= sft
+round_dir = $(if $(filter 1,$(1)),$(RUN),$(RUN)/round$(1))
+round_policy = $(call round_dir,$(1))/ppo
+round_rm = $(if $(filter 1,$(1)),$(REWARD_MODEL),$(RUN)/round$(1)/rm)
+# A round's comparisons: the human ranking where one was imported, else the labeller's.
+round_prefs = $(if $(filter 1,$(1)),$(RM_DATA),$(or $(wildcard $(RUN)/round$(1)/prefs_human/ranked.jsonl),\
+	$(RUN)/round$(1)/prefs/ranked.jsonl))
+up_to = $(shell seq 1 $(1))
+joined = $(subst $(space),$(comma),$(strip $(1)))
+space := $(subst ,, )
+
+define ROUND_RULES
+round$(1)-prefs: round$(2) data
+	$(PY) -m data.collect --config $(CONFIG) --policy $(call round_policy,$(2)) \
+		--prompts $(RUN)/data/prompts_prefs.jsonl --round $(1) --output_dir $(RUN)/round$(1)/prefs
+
+round$(1)-rm: round$(1)-prefs
+	$(TRAIN) reward_model --config $(CONFIG) --model $(if $(filter sft,$(RM_START)),$(RUN)/sft,$(call round_rm,$(2))) \
+		--data "$(call joined,$(foreach r,$(call up_to,$(1)),$(call round_prefs,$(r))))" \
+		--output_dir $(RUN)/round$(1)/rm
+
+round$(1): round$(1)-rm
+	$(TRAIN) ppo --config $(CONFIG) --policy $(call round_policy,$(2)) --reward_model $(RUN)/round$(1)/rm \
+		--reference $(if $(filter sft,$(KL_REFERENCE)),$(RUN)/sft,$(call round_policy,$(2))) \
+		--prompts $(PPO_PROMPTS) --output_dir $(RUN)/round$(1)/ppo
+endef
+round1: ppo
+$(foreach r,$(shell seq 2 $$(( $(ROUNDS) > $(ROUND) ? $(ROUNDS) : $(ROUND) ))),\
+	$(eval $(call ROUND_RULES,$(r),$(shell expr $(r) - 1))))
+
+rounds: round$(ROUNDS)
+	$(PY) -m evaluation --config $(CONFIG) --output_dir $(RUN)/rounds_eval --prompts $(EVAL_PROMPTS) \
+		--checkpoints "sft=$(RUN)/sft,$(call joined,$(foreach r,$(call up_to,$(ROUNDS)),round$(r)=$(call round_policy,$(r))))" \
+		--rounds "$(call joined,$(foreach r,$(call up_to,$(ROUNDS)),round$(r)=$(call round_rm,$(r))))" \
+		--reward_model $(call round_rm,$(ROUNDS)) --sft_eval_data "$(wildcard $(SFT_EVAL))" $(call args_for,rounds)
+
 score: setup
 	$(PY) -m reward_model.score --model $(REWARD_MODEL) --data "$(DATA)" $(call args_for,score)
 
-prefs-export: prefs
-	$(PY) -m data.annotate --action export --candidates $(RUN)/prefs/candidates.jsonl --file $(ANNOTATE)
+# ROUND=r exports round r's replies (after `make round<r>-prefs`) and imports their ranking into
+# round<r>/prefs_human, which `make rounds` then trains on instead of the labeller's.
+prefs-export: $(if $(filter 1,$(ROUND)),prefs,round$(ROUND)-prefs)
+	$(PY) -m data.annotate --action export --candidates $(call round_dir,$(ROUND))/prefs/candidates.jsonl \
+		--file $(ANNOTATE)
 
 prefs-import: setup
-	$(PY) -m data.annotate --action import --candidates $(RUN)/prefs/candidates.jsonl --file $(ANNOTATE) \
-		--output_dir $(RUN)/prefs_human
+	$(PY) -m data.annotate --action import --candidates $(call round_dir,$(ROUND))/prefs/candidates.jsonl \
+		--file $(ANNOTATE) --output_dir $(call round_dir,$(ROUND))/prefs_human
 
 bench: setup
 	$(PY) bench/run_all.py $(call args_for,bench)

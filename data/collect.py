@@ -5,6 +5,8 @@ Usage:
     python -m data.collect --config configs/default.yaml                          # embedded default
     python -m data.collect --config configs/default.yaml --labeller mypkg.judges:helpful
     python -m data.collect --config configs/default.yaml --labeller runs/default/rm  # an RM labels
+    python -m data.collect --config configs/default.yaml --policy runs/default/ppo --round 2 \
+        --output_dir runs/default/round2/prefs                                   # `make rounds`: fresh prompts
     make prefs
 
 Writes `output_dir` per the checkpoint contract: `candidates.jsonl` (prompt, responses, finished: what a
@@ -39,6 +41,8 @@ class CollectConfig:
     labeller: str = field(default="data.judges:gold_judge",
                           metadata={"help": "module:function judge, or a reward-model folder"})
     num_prompts: int = field(default=0, metadata={"help": "use the first N prompts (0: all)"})
+    round: int = field(default=1, metadata={"help": "iterated RLHF round r uses the r-th block of num_prompts "
+                                                     "prompts, so no two rounds share a prompt"})
     samples_per_prompt: int = field(default=4, metadata={"help": "K replies per prompt, ranked together"})
     max_new_tokens: int = field(default=32, metadata={"help": "reply length limit; longer replies are cut off"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
@@ -47,6 +51,20 @@ class CollectConfig:
     min_margin: float = field(default=0.0, metadata={"help": "pairs whose scores differ by no more are dropped"})
     seed: int = field(default=42, metadata={"help": "sampling seed"})
     force: bool = field(default=False, metadata={"help": "collect again even if the output is up to date"})
+
+
+def round_prompts(prompts: list[str], config: CollectConfig) -> list[str]:
+    """The prompts of this round: block `round` of `num_prompts` (round 1: the first num_prompts, or all)."""
+    if config.round == 1:
+        return prompts[: config.num_prompts] if config.num_prompts else prompts
+    if config.round < 1 or not config.num_prompts:
+        raise PipelineError(f"round {config.round} needs num_prompts > 0 (the prompts each round takes) and a round "
+                            f">= 1; got num_prompts {config.num_prompts}")
+    start = (config.round - 1) * config.num_prompts
+    if start + config.num_prompts > len(prompts):
+        raise PipelineError(f"{config.prompts}: {len(prompts)} prompts, too few for round {config.round} of "
+                            f"{config.num_prompts} new prompts each; add prompts or lower num_prompts")
+    return prompts[start:start + config.num_prompts]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -107,8 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     # Validate everything (prompts, policy, labeller) before the long sampling run.
-    prompts = load_prompts(config.prompts)
-    prompts = prompts[: config.num_prompts] if config.num_prompts else prompts
+    prompts = round_prompts(load_prompts(config.prompts), config)
     tokenizer = load_tokenizer(config.policy)
     compute = Compute.choose(config.precision)
     judge = load_judge(config.labeller, compute)

@@ -24,7 +24,15 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from common.checkpoint import StagedOutput, describe_input, describe_parent, fingerprint, read_manifest, up_to_date
+from common.checkpoint import (
+    StagedOutput,
+    describe_input,
+    describe_parent,
+    fingerprint,
+    read_manifest,
+    require_checkpoint,
+    up_to_date,
+)
 from common.config import parse_config
 from common.errors import PipelineError
 from common.modeling import (
@@ -40,8 +48,9 @@ from common.reward import RewardScorer, prompt_input_ids
 from data.chat import load_chat_examples
 from data.judges import load_judge, run_judge
 from data.prompts import load_prompts
-from evaluation.metrics import bootstrap_interval, distinct_n, sequence_kl, win_outcomes
+from evaluation.metrics import distinct_n, mean_with_interval, sequence_kl, win_outcomes
 from evaluation.report import write_report
+from evaluation.rounds import parse_rounds, rounds_summary, shift_outcomes
 
 
 @dataclass
@@ -65,6 +74,12 @@ class EvalConfig:
     max_perplexity_examples: int = field(default=100, metadata={"help": "SFT eval conversations for perplexity"})
     bootstrap_resamples: int = field(default=1000, metadata={"help": "resamples for the 95 percent intervals"})
     num_samples: int = field(default=8, metadata={"help": "prompts whose replies the report shows side by side"})
+    rounds: str = field(default="", metadata={"help": "iterated RLHF: name=reward_model pairs, one per round in "
+                                                      "order, each name a checkpoint (`make rounds` passes them)"})
+    shift_prompts: int = field(default=128, metadata={"help": "rounds: prompts on which the reference and each "
+                                                              "round sample a second reply for the shift table"})
+    shift_min_margin: float = field(default=0.1, metadata={"help": "rounds: reply pairs whose gold scores differ "
+                                                                   "by no more are ties, left out"})
     precision: str = precision_option()
     seed: int = field(default=42, metadata={"help": "sampling seed, the same for every checkpoint"})
     force: bool = field(default=False, metadata={"help": "evaluate again even if the report is up to date"})
@@ -142,18 +157,12 @@ def perplexity(model: PreTrainedModel, turns: tuple[list, list], batch_size: int
 
 def evaluate_checkpoint(name: str, path: str, reference: PreTrainedModel | None, reference_name: str,
                         tokenizer: PreTrainedTokenizerBase, prompts: list[str], turns: tuple | None,
-                        config: EvalConfig, compute: Compute) -> dict:
-    """Sample one reply per prompt (fixed seed), then its log-probs under the checkpoint and the reference."""
+                        config: EvalConfig, compute: Compute, pair_prompts: int = 0) -> dict:
+    """Sample one reply per prompt (fixed seed), then its log-probs under the checkpoint and the reference;
+    with `pair_prompts`, a second reply to that many prompts (another seed)."""
     model = reference if name == reference_name else load_causal_lm(path).to(compute.device)
     prompt_ids = [prompt_input_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
-    set_seed(config.seed)
-    ids = [[] for _ in prompts]
-    for rows in tqdm(by_length(prompt_ids, config.batch_size), desc=f"eval: {name}", unit="batch"):
-        with compute.autocast():
-            replies = generate_reply_ids(model, tokenizer, [prompts[i] for i in rows], config.max_new_tokens,
-                                         do_sample=True, temperature=config.temperature, what=f"eval: {name}")
-        for row, reply in zip(rows, replies, strict=True):
-            ids[row] = reply
+    ids = sample_replies(model, tokenizer, prompts, prompt_ids, config, compute, config.seed, name)
     texts, finished = decode_replies(tokenizer, ids)
     result = {
         "replies": texts,
@@ -168,15 +177,38 @@ def evaluate_checkpoint(name: str, path: str, reference: PreTrainedModel | None,
         own, mask = reply_logprobs(model, prompt_ids, ids, config.temperature, config.batch_size, compute)
         ref, _ = reply_logprobs(reference, prompt_ids, ids, config.temperature, config.batch_size, compute)
         result["kl"] = sequence_kl(own, ref, mask)
+    if pair_prompts:  # a second reply to the first prompts: pairs from this policy for the shift table
+        second = sample_replies(model, tokenizer, prompts[:pair_prompts], prompt_ids[:pair_prompts], config, compute,
+                                config.seed + 1, f"{name} (second reply)")
+        texts, finished = decode_replies(tokenizer, second)
+        result["second"] = {"replies": texts, "finished": finished}
     return result
 
 
-def run_stage_seconds(run: Path, own: str) -> dict[str, float]:
-    """What each stage of the run cost: the folders next to the reference that hold one of our manifests,
-    in the order they ran (the cost side of the report)."""
-    manifests = [(folder.name, read_manifest(folder)) for folder in sorted(run.iterdir()) if folder.is_dir()] \
-        if run.is_dir() else []
-    done = sorted((m["started"], name, m["seconds"]) for name, m in manifests if m and "seconds" in m and name != own)
+def sample_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                   prompt_ids: list[list[int]], config: EvalConfig, compute: Compute, seed: int,
+                   name: str) -> list[list[int]]:
+    """One sampled reply per prompt (token ids), prompts batched by length, from a fixed seed."""
+    set_seed(seed)
+    ids = [[] for _ in prompts]
+    for rows in tqdm(by_length(prompt_ids, config.batch_size), desc=f"eval: {name}", unit="batch"):
+        with compute.autocast():
+            replies = generate_reply_ids(model, tokenizer, [prompts[i] for i in rows], config.max_new_tokens,
+                                         do_sample=True, temperature=config.temperature, what=f"eval: {name}")
+        for row, reply in zip(rows, replies, strict=True):
+            ids[row] = reply
+    return ids
+
+
+def run_stage_seconds(run: Path) -> dict[str, float]:
+    """What each stage of the run cost: the folders next to the reference (and in its round<r>/ folders) that
+    hold one of our manifests, evaluations aside, in the order they ran (the cost side of the report)."""
+    folders = [folder for folder in sorted(run.iterdir()) if folder.is_dir()] if run.is_dir() else []
+    folders += [sub for folder in folders if folder.name.startswith("round") for sub in sorted(folder.iterdir())
+                if sub.is_dir()]
+    manifests = [(str(folder.relative_to(run)), read_manifest(folder)) for folder in folders]
+    done = sorted((m["started"], name, m["seconds"]) for name, m in manifests
+                  if m and "seconds" in m and m.get("stage") != "eval")
     return {name: seconds for _, name, seconds in done}
 
 
@@ -198,8 +230,7 @@ def same_vocabulary(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> b
 def summarise(results: dict[str, dict], reference: str, config: EvalConfig) -> dict[str, dict]:
     """Means with 95% bootstrap intervals, win rates against the reference, and the protocol's other numbers."""
     def with_interval(values: list[float]) -> dict:
-        low, high = bootstrap_interval(values, config.bootstrap_resamples, seed=config.seed)
-        return {"mean": statistics.fmean(values), "low": low, "high": high}
+        return mean_with_interval(values, config.bootstrap_resamples, config.seed)
 
     summary = {}
     for name, result in results.items():
@@ -221,8 +252,11 @@ def summarise(results: dict[str, dict], reference: str, config: EvalConfig) -> d
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(EvalConfig, "eval", argv)
     checkpoints = parse_checkpoints(config.checkpoints, config.reference)
+    rounds = parse_rounds(config.rounds, checkpoints)
     inputs = {"checkpoints": {name: describe_parent(path) for name, path in checkpoints.items()},
-              "prompts": describe_input(config.prompts)}
+              "prompts": describe_input(config.prompts),
+              **({"round_reward_models": {name: describe_parent(path) for name, path in rounds.items()}}
+                 if rounds else {})}
     if config.reward_model:
         inputs["reward_model"] = describe_parent(config.reward_model)
     if config.sft_eval_data:
@@ -243,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     compute = Compute.choose(config.precision)
     judge = load_judge(config.judge, compute)
     scorer = RewardScorer.load(config.reward_model, compute, config.batch_size) if config.reward_model else None
+    for name, path in rounds.items():
+        require_checkpoint(path, f"reward model of {name}", "pass --rounds name=<its reward-model folder>")
     reference_tokenizer = tokenizers[config.reference]
     turns = (conversation_turns(reference_tokenizer, config.sft_eval_data, config.max_perplexity_examples)
              if config.sft_eval_data else None)
@@ -257,16 +293,22 @@ def main(argv: list[str] | None = None) -> None:
     for name, path in checkpoints.items():
         tokenizer = tokenizers[name]
         comparable = same_vocabulary(tokenizer, reference_tokenizer)
+        pair_prompts = config.shift_prompts if rounds and (name in rounds or name == config.reference) else 0
         result = evaluate_checkpoint(name, path, reference if comparable else None, config.reference, tokenizer,
-                                     prompts, turns if comparable else None, config, compute)
+                                     prompts, turns if comparable else None, config, compute, pair_prompts)
         result["path"] = path
         result["gold"] = run_judge(judge, config.judge, prompts, result["replies"], result["finished"])
+        if "second" in result:
+            second = result["second"]
+            second["gold"] = run_judge(judge, config.judge, prompts[: len(second["replies"])], second["replies"],
+                                       second["finished"])
         result["rm"] = scorer.judge(prompts, result["replies"], result["finished"]) if scorer else None
         results[name] = result
         print(f"eval: {name}: gold {statistics.fmean(result['gold']):.3f}, length "
               f"{statistics.fmean(result['lengths']):.1f}, EOS {statistics.fmean(result['finished']):.0%}")
 
     summary = summarise(results, config.reference, config)
+    shift = shift_outcomes(rounds, results, prompts, compute, config.batch_size, config.shift_min_margin)
     rm_metrics = (read_manifest(config.reward_model) or {}).get("metrics", {}) if config.reward_model else {}
     report = {
         "prompts": config.prompts, "num_prompts": len(prompts), "reference": config.reference,
@@ -274,8 +316,10 @@ def main(argv: list[str] | None = None) -> None:
         "rm_heldout_accuracy": rm_metrics.get("eval_accuracy"), "rm_heldout_pairs": rm_metrics.get("eval_pairs"),
         "sampling": {"temperature": config.temperature, "max_new_tokens": config.max_new_tokens, "seed": config.seed},
         "checkpoints": summary,
-        "stage_seconds": run_stage_seconds(Path(checkpoints[config.reference]).parent, Path(config.output_dir).name),
+        "stage_seconds": run_stage_seconds(Path(checkpoints[config.reference]).parent),
     }
+    if rounds:
+        report["rounds"] = rounds_summary(rounds, results, shift, config.bootstrap_resamples, config.seed)
     write_report(staging, report, results, prompts, config.num_samples)
     final = output.commit(config, inputs, {"checkpoints": summary}, print_)
     print_headline(final, report)

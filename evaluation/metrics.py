@@ -37,3 +37,9 @@ def bootstrap_interval(values: list[float], resamples: int = 1000, level: float 
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def mean_with_interval(values: list[float], resamples: int, seed: int) -> dict:
+    """The mean, its 95% bootstrap interval and the number of values (NaNs when there are none)."""
+    low, high = bootstrap_interval(values, resamples, seed=seed)
+    return {"mean": float(np.mean(values)) if values else float("nan"), "low": low, "high": high, "n": len(values)}

@@ -2,6 +2,7 @@
 with every reply and its scores for whoever wants to look closer."""
 
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -17,7 +18,7 @@ def cell(text: str) -> str:
 
 
 def interval(stat: dict | None, digits: int = 3) -> str:
-    if stat is None:
+    if stat is None or math.isnan(stat["mean"]):  # no values: e.g. no pair the judge told apart
         return "n/a"
     return f"{stat['mean']:.{digits}f} [{stat['low']:.{digits}f}, {stat['high']:.{digits}f}]"
 
@@ -43,7 +44,8 @@ def headline(report: dict) -> str:
     return "\n".join(lines)
 
 
-def markdown(report: dict, results: dict[str, dict], prompts: list[str], num_samples: int, plots: list[str]) -> str:
+def markdown(report: dict, results: dict[str, dict], prompts: list[str], num_samples: int, plots: list[str],
+             rounds_plot: str | None = None) -> str:
     reference, rows = report["reference"], report["checkpoints"]
     accuracy = report["rm_heldout_accuracy"]
     rm_line = f"reward model `{report['reward_model']}`" if report["reward_model"] else "no reward model"
@@ -87,6 +89,8 @@ def markdown(report: dict, results: dict[str, dict], prompts: list[str], num_sam
         "set (lower is better; a rise is the alignment tax).",
         "",
     ]
+    if "rounds" in report:
+        lines += rounds_markdown(report, rounds_plot)
     if report["stage_seconds"]:
         stages = report["stage_seconds"]
         lines += ["## Cost", "", "Time each stage of the run took (from its `pipeline.json`), in the order they ran:",
@@ -106,6 +110,40 @@ def markdown(report: dict, results: dict[str, dict], prompts: list[str], num_sam
         replies = [f"{cell(results[n]['replies'][i])} ({results[n]['gold'][i]:+.2f})" for n in names]
         lines.append(f"| {cell(prompt)} | " + " | ".join(replies) + " |")
     return "\n".join(lines) + "\n"
+
+
+def rounds_markdown(report: dict, plot: str | None) -> list[str]:
+    """The report's "Rounds" section."""
+    section, reference, checkpoints = report["rounds"], report["reference"], report["checkpoints"]
+    names = list(section["rows"])
+    lines = ["## Rounds", "",
+             "Round 1 is the first PPO run; round r trained a new reward model on every round's comparisons so far "
+             "(new ones sampled from policy r-1) and ran PPO from policy r-1 against it.", "",
+             f"| round | win rate vs {reference} (judge) | win rate vs previous round (judge) | judge score "
+             f"| KL from {reference} (nats) | its RM's held-out accuracy |", "|---|---|---|---|---|---|"]
+    for index, name in enumerate(names):
+        row, scores = section["rows"][name], checkpoints[name]
+        previous = (interval(row["win_previous"]) + f" vs {names[index - 1]}") if "win_previous" in row else "-"
+        accuracy = row["rm_heldout_accuracy"]
+        lines.append(f"| {name} | {interval(scores.get('win_gold'))} | {previous} | {interval(scores['gold'])} | "
+                     f"{interval(scores['kl'], 2) if scores['kl'] else 'n/a'} | "
+                     f"{'n/a' if accuracy is None else f'{accuracy:.3f}'} |")
+    policies = list(next(iter(section["shift"].values())))
+    lines += ["", "### Distribution shift: each reward model on replies of each policy", "",
+              "Pairwise accuracy (95% interval, pairs) of each round's reward model on two replies per prompt sampled "
+              "from each policy, ordered by the gold judge (pairs it scores within the margin are left out). A "
+              "reward model is trustworthy only on the column of the policy PPO optimises next.", "",
+              "| reward model | " + " | ".join(f"replies of {p}" for p in policies) + " |",
+              "|---|" + "---|" * len(policies)]
+    for rm_name, by_policy in section["shift"].items():
+        cells = [f"{interval(by_policy[p])} ({by_policy[p]['n']})" for p in policies]
+        lines.append(f"| RM of {rm_name} | " + " | ".join(cells) + " |")
+    if plot:
+        lines += ["", f"![over-optimisation]({plot})", "",
+                  "Held-out gold-judge and RM scores during each round's PPO against sqrt(KL from the reference). "
+                  "Where the gold curve flattens or falls while the RM curve still rises, more updates (or a smaller "
+                  "kl_coef) buy reward-model score, not quality."]
+    return lines + [""]
 
 
 def plot_scores(results: dict[str, dict], path: Path) -> None:
@@ -155,6 +193,9 @@ def plot_training(rows: list[dict], name: str, path: Path) -> None:
 def write_report(folder: Path, report: dict, results: dict[str, dict], prompts: list[str], num_samples: int) -> None:
     plots = ["score_distributions.png"]
     plot_scores(results, folder / plots[0])
+    rounds = {name: row["reward_model"] for name, row in report.get("rounds", {}).get("rows", {}).items()}
+    over_optimisation = "over_optimisation.png" if rounds and plot_over_optimisation(
+        rounds, results, folder / "over_optimisation.png") else None
     for name, result in results.items():
         log = Path(result["path"]) / "metrics.jsonl"
         rows = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
@@ -162,7 +203,7 @@ def write_report(folder: Path, report: dict, results: dict[str, dict], prompts: 
             plots.append(f"{name}_training.png")
             plot_training(rows, name, folder / plots[-1])
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (folder / "report.md").write_text(markdown(report, results, prompts, num_samples, plots))
+    (folder / "report.md").write_text(markdown(report, results, prompts, num_samples, plots, over_optimisation))
     with (folder / "replies.jsonl").open("w", encoding="utf-8") as handle:
         for i, prompt in enumerate(prompts):
             row = {"prompt": prompt}
@@ -170,3 +211,32 @@ def write_report(folder: Path, report: dict, results: dict[str, dict], prompts: 
                 row[name] = {"reply": result["replies"][i], "finished": result["finished"][i],
                              "judge": result["gold"][i], "rm": result["rm"][i] if result["rm"] else None}
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def plot_over_optimisation(rounds: dict[str, str], results: dict[str, dict], path: Path) -> bool:
+    """Gold and RM score against sqrt(KL) over each round's periodic PPO evaluations; False without any."""
+    curves = {}
+    for name in rounds:
+        log = Path(results[name]["path"]) / "metrics.jsonl"
+        rows = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+        evals = [row for row in rows if "eval/kl" in row and "eval/judge_score" in row]
+        if evals:
+            curves[name] = evals
+    if not curves:
+        return False
+    figure, (gold, reward) = plt.subplots(1, 2, figsize=(12, 4))
+    for name, evals in curves.items():
+        # A sampled KL estimate can dip below 0 near the start: clamp before the root.
+        root_kl = [math.sqrt(max(row["eval/kl"], 0.0)) for row in evals]
+        gold.plot(root_kl, [row["eval/judge_score"] for row in evals], "o-", label=name)
+        reward.plot(root_kl, [row["eval/reward"] for row in evals], "o-", label=f"{name} (its own RM)")
+    gold.set(xlabel="sqrt(KL from the reference), nats^0.5", ylabel="gold judge score",
+             title="gold score over PPO training (held-out prompts)")
+    reward.set(xlabel="sqrt(KL from the reference), nats^0.5", ylabel="reward (normalised RM score)",
+               title="what PPO optimised")
+    for axis in (gold, reward):
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True

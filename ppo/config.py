@@ -17,7 +17,10 @@ class PPOStageConfig(AdapterOptions):
     adapter disabled (one copy of the weights)."""
 
     # --- what goes in
-    policy: str = field(default="runs/default/sft", metadata={"help": "initial policy and reference: SFT checkpoint"})
+    policy: str = field(default="runs/default/sft", metadata={"help": "initial policy: the SFT checkpoint (or an "
+                                                                  "earlier round's PPO policy)"})
+    reference: str = field(default="", metadata={"help": "KL reference; empty: the initial policy. Iterated rounds "
+                                                         "keep it at the SFT model"})
     reward_model: str = field(default="runs/default/rm", metadata={"help": "reward model checkpoint"})
     critic: str = field(default="", metadata={"help": "initial critic (a one-logit classifier); empty: the RM"})
     prompts: str = field(default="runs/default/data/prompts_ppo.jsonl", metadata={"help": "training prompt file"})
@@ -91,5 +94,8 @@ def validate(config: PPOStageConfig) -> None:
         raise PipelineError(f"temperature must be above 0 (log-probs divide by it), got {config.temperature}")
     if config.ptx_coef and not config.ptx_data:
         raise PipelineError("ptx_coef > 0 needs ptx_data: the SFT data to keep fitting (e.g. the SFT train file)")
+    if config.reference and config.uses_adapter():
+        raise PipelineError("a separate reference and peft_method cannot be combined: with an adapter the reference "
+                            "is the initial policy with its adapter off; pass peft_method none or no reference")
     if config.trainable_layers and (config.uses_adapter() or config.critic_peft_method != "none"):
         raise PipelineError("peft_method and trainable_layers are two ways to train fewer weights; choose one")

@@ -87,7 +87,7 @@ def build_models(config: PPOStageConfig, tokenizer: PreTrainedTokenizerBase):
         adapter = peft_config(config, policy, "CAUSAL_LM", "ppo", PPO_REFUSED, steps, dropout=0.0)
         policy = get_peft_model(policy, adapter)
     else:
-        reference = load_causal_lm(config.policy).requires_grad_(False).eval()
+        reference = load_causal_lm(config.reference or config.policy).requires_grad_(False).eval()
         disable_dropout(reference)
         if config.trainable_layers:
             freeze_lower_blocks(policy, config.trainable_layers)

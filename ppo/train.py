@@ -5,6 +5,8 @@ Usage:
     python -m ppo --config configs/default.yaml --prompts my_prompts.jsonl --output_dir runs/mine/ppo
     python -m ppo --config configs/default.yaml --extra_rewards "data.judges:gold_judge=0.5"
     python -m ppo --config configs/default.yaml --peft_method lora               # reference = adapter off
+    python -m ppo --config configs/default.yaml --policy runs/default/ppo --reference runs/default/sft \
+        --reward_model runs/default/round2/rm --output_dir runs/default/round2/ppo  # a round of `make rounds`
     make ppo NUM_PROCESSES=2                                                     # 2 processes (DDP)
     make ppo ACCELERATE_CONFIG=configs/accelerate/zero3.yaml NUM_PROCESSES=8     # DeepSpeed ZeRO-3
     make ppo                   # after make rm;  make ppo PROMPTS=my_prompts.jsonl for your own prompts
@@ -119,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
               "prompts": describe_input(config.prompts)}
     if config.critic:
         inputs["critic"] = describe_parent(config.critic)
+    if config.reference:
+        inputs["reference"] = describe_parent(config.reference)
     if config.ptx_data:
         inputs["ptx_data"] = describe_input(config.ptx_data)
     print_ = fingerprint(config, inputs)
@@ -323,12 +327,15 @@ def prepare(config: PPOStageConfig, state: PartialState, output: StagedOutput, p
     validate(config)
     require_checkpoint(config.policy, "policy", "run `make sft` or pass --policy <checkpoint>")
     require_checkpoint(config.reward_model, "reward model", "run `make rm` or pass REWARD_MODEL=<folder>")
+    if config.reference:
+        require_checkpoint(config.reference, "reference", "pass --reference <the SFT checkpoint> or leave it empty")
     if prompt_learning_adapter(config.policy):
         raise PipelineError(f"ppo: {config.policy} is a prefix/p_tuning/prompt adapter, which cannot be merged; PPO "
                             "starts from whole weights: run SFT with peft_method none, lora, adalora or ia3")
     tokenizer = load_tokenizer(config.policy)
-    if config.critic:
-        check_tokenizers_match(config.policy, tokenizer, config.critic)
+    for other in (config.critic, config.reference):
+        if other:
+            check_tokenizers_match(config.policy, tokenizer, other)
     prompts = load_prompt_split(config, tokenizer)
     if len(prompts[0]) < config.rollout_batch_size:
         raise PipelineError(f"{config.prompts}: {len(prompts[0])} training prompts, fewer than one rollout batch "

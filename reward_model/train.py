@@ -4,6 +4,8 @@ Usage:
     python -m reward_model --config configs/default.yaml                         # on the collected prefs
     python -m reward_model --config configs/default.yaml --data my_prefs.jsonl --output_dir runs/mine/rm
     python -m reward_model --config configs/default.yaml --peft_method lora      # or adalora, ia3 (merged)
+    python -m reward_model --config configs/default.yaml --model runs/default/rm \
+        --data runs/default/prefs/ranked.jsonl,runs/default/round2/prefs/ranked.jsonl   # a round: warm start
     make rm                    # make prefs first, then this
     make rm PREFS=my_prefs.jsonl
     make rm ACCELERATE_CONFIG=configs/accelerate/zero2.yaml NUM_PROCESSES=2   # DeepSpeed ZeRO-2
@@ -48,7 +50,8 @@ PROMPT_LEARNING_REFUSED = dict.fromkeys(
 @dataclass
 class RewardStageConfig(TrainerOptions):
     model: str = field(default="runs/default/sft", metadata={"help": "initial model: the SFT checkpoint"})
-    data: str = field(default="runs/default/prefs/ranked.jsonl", metadata={"help": "preference data"})
+    data: str = field(default="runs/default/prefs/ranked.jsonl", metadata={"help": "preference data: a file, or "
+                                                                                      "several comma-separated"})
     eval_data: str = field(default="", metadata={"help": "held-out pairs; empty: hold out eval_fraction of prompts"})
     output_dir: str = field(default="runs/default/rm", metadata={"help": "where the checkpoint is written"})
     columns: str = field(default="", metadata={"help": "column mapping, e.g. chosen=good,rejected=bad"})
@@ -76,11 +79,19 @@ def prompt_key(pair: PreferencePair) -> str:
     return "\n".join(f"{m['role']}:{m['content']}" for m in pair.prompt)
 
 
-def load_splits(config: RewardStageConfig) -> tuple[list[PreferencePair], list[PreferencePair]]:
+def files(text: str) -> list[str]:
+    """A data option's files: one path, or several comma-separated (iterated rounds train on every round's)."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def load_splits(config: RewardStageConfig) -> tuple[list[PreferencePair], dict[str, list[PreferencePair]]]:
+    """Training pairs, and the held-out pairs of each data file (at most max_eval_pairs from each)."""
     columns = parse_mapping(config.columns, "columns")
-    pairs = load_preference_pairs(config.data, columns, config.min_margin)
+    pairs = {source: load_preference_pairs(source, columns, config.min_margin) for source in files(config.data)}
     if config.eval_data:
-        train, evaluation = pairs, load_preference_pairs(config.eval_data, columns, config.min_margin)
+        train = [pair for source_pairs in pairs.values() for pair in source_pairs]
+        evaluation = {source: load_preference_pairs(source, columns, config.min_margin)
+                      for source in files(config.eval_data)}
     else:
         # Split by prompt: pairs expanded from one ranking share their prompt and replies, so a pair-level
         # split would let the model see held-out replies in training and inflate the accuracy.
@@ -88,16 +99,18 @@ def load_splits(config: RewardStageConfig) -> tuple[list[PreferencePair], list[P
             digest = hashlib.sha256(f"{config.seed}:{prompt_key(pair)}".encode()).digest()
             return int.from_bytes(digest[:8]) / 2**64 < config.eval_fraction
 
-        train = [pair for pair in pairs if not held_out(pair)]
-        evaluation = [pair for pair in pairs if held_out(pair)]
-        if not train or not evaluation:
-            raise PipelineError(f"{config.data}: {len(pairs)} pairs over too few prompts to hold out "
+        train = [pair for source_pairs in pairs.values() for pair in source_pairs if not held_out(pair)]
+        evaluation = {source: [pair for pair in source_pairs if held_out(pair)]
+                      for source, source_pairs in pairs.items()}
+        empty = [source for source, held in evaluation.items() if not held]
+        if not train or empty:
+            raise PipelineError(f"{(empty or [config.data])[0]}: too few prompts to hold out "
                                 f"{config.eval_fraction:.0%} of them; add data, change eval_fraction or pass eval_data")
     random.Random(config.seed).shuffle(train)
     if config.max_train_pairs:
         train = train[: config.max_train_pairs]
     if config.max_eval_pairs:
-        evaluation = evaluation[: config.max_eval_pairs]
+        evaluation = {source: held[: config.max_eval_pairs] for source, held in evaluation.items()}
     return train, evaluation
 
 
@@ -135,9 +148,9 @@ def reward_normalisation(scorer: RewardScorer, train: list[PreferencePair], conf
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(RewardStageConfig, "rm", argv)
     state = start_processes()
-    inputs = {"model": describe_parent(config.model), "data": describe_input(config.data)}
-    if config.eval_data:
-        inputs["eval_data"] = describe_input(config.eval_data)
+    inputs = {"model": describe_parent(config.model),
+              **{key: [describe_input(source) for source in files(text)] if "," in text else describe_input(text)
+                 for key, text in (("data", config.data), ("eval_data", config.eval_data)) if text}}
     print_ = fingerprint(config, inputs)
     if not config.force and up_to_date(config.output_dir, print_):
         state.print(f"rm: {config.output_dir} is up to date (inputs unchanged); pass --force true to retrain")
@@ -147,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     if config.uses_adapter() and config.trainable_layers:
         raise PipelineError("peft_method and trainable_layers are two ways to train fewer weights; choose one")
     compute = Compute.choose(config.precision)
-    train, evaluation = load_splits(config)
+    train, evaluation_by_file = load_splits(config)
+    evaluation = [pair for held in evaluation_by_file.values() for pair in held]
     tokenizer = load_tokenizer(config.model)
     check_prompt_lengths(train + evaluation, tokenizer, config.max_length - 1)
     train_dataset = tokenize_groups(train, tokenizer, config.max_length, "train")
@@ -197,8 +211,9 @@ def main(argv: list[str] | None = None) -> None:
         return  # not the main process: it has done its share of training
 
     scorer = RewardScorer(trained, tokenizer, compute, batch_size=config.per_device_eval_batch_size)
+    chosen, rejected = score_pairs(scorer, evaluation, "rm: scoring eval")
     metrics = {
-        **pairwise_metrics(*score_pairs(scorer, evaluation, "rm: scoring eval"), "eval"),
+        **pairwise_metrics(chosen, rejected, "eval"),
         **reward_normalisation(scorer, train, config),
         "train_loss": result.training_loss,
         "steps": result.global_step,
@@ -212,6 +227,12 @@ def main(argv: list[str] | None = None) -> None:
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "adapter": config.keeps_adapter(),
     }
+    if len(evaluation_by_file) > 1:  # iterated rounds: is the newest round's data learnt, the oldest kept?
+        start, metrics["eval_accuracy_by_file"] = 0, {}
+        for source, held in evaluation_by_file.items():
+            end = start + len(held)
+            accuracy = pairwise_metrics(chosen[start:end], rejected[start:end], "eval")["eval_accuracy"]
+            metrics["eval_accuracy_by_file"][source], start = accuracy, end
     trainer.log({key: value for key, value in metrics.items() if isinstance(value, float)})
     final = output.commit(config, inputs, metrics, print_)
     print(f"rm: held-out pairwise accuracy {metrics['eval_accuracy']:.3f} on {len(evaluation)} pairs "

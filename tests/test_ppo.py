@@ -199,7 +199,8 @@ def test_kill_and_resume_reaches_the_same_updates_and_weights(make_run, tmp_path
 
 
 @pytest.mark.parametrize("case", ["missing_policy", "missing_rm", "empty_prompts", "long_prompt",
-                                  "tokenizer_mismatch", "bad_reward_spec", "bad_batch_sizes"])
+                                  "tokenizer_mismatch", "bad_reward_spec", "bad_batch_sizes", "missing_reference",
+                                  "reference_with_adapter"])
 def test_input_errors_give_one_line_and_write_nothing(make_run, tmp_path, case, capsys):
     output = tmp_path / "ppo"
     args = ppo_args(make_run, output)
@@ -229,6 +230,12 @@ def test_input_errors_give_one_line_and_write_nothing(make_run, tmp_path, case, 
     elif case == "bad_reward_spec":
         args += ["--extra_rewards", "no_such_module:judge=1"]
         expected = "no_such_module"
+    elif case == "missing_reference":
+        args += ["--reference", str(tmp_path / "no_sft")]
+        expected = "reference"
+    elif case == "reference_with_adapter":
+        args += ["--reference", str(make_run / "sft"), "--peft_method", "lora"]
+        expected = "adapter off"
     else:
         args += ["--mini_batch_size", "3"]
         expected = "multiple of"
