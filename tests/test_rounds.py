@@ -1,6 +1,7 @@
 """Iterated RLHF as a user runs it: `make rounds` on the tiny config after `make all`, one round killed and
 resumed; and the pieces of its report (rounds, the distribution-shift table) on hand-made inputs."""
 
+import csv
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import pytest
 
 from common.checkpoint import MANIFEST
 from common.errors import PipelineError
+from data.annotate import main as annotate_main
 from data.collect import CollectConfig, round_prompts
 from evaluation.rounds import parse_rounds, ranking_outcomes
 from tests.conftest import ROOT, TINY
@@ -84,6 +86,37 @@ def test_make_rounds_chains_rounds_on_fresh_prompts_and_resumes_a_killed_round(m
     text = (make_run / "rounds_eval" / "report.md").read_text()
     assert "## Rounds" in text and "Distribution shift" in text and "over_optimisation.png" in text
     assert (make_run / "rounds_eval" / "over_optimisation.png").stat().st_size > 0
+
+
+def test_human_labels_of_a_round_go_out_and_come_back_for_its_reward_model(tmp_path):
+    """The human route per round: `make prefs-export/prefs-import ROUND=2`, then round 2's RM trains on
+    round2/prefs_human. Checked on make's plan (`make -n`) and a real export and import, training nothing."""
+    run, sheet = tmp_path / "run", tmp_path / "r2.csv"
+    candidates = run / "round2" / "prefs" / "candidates.jsonl"
+
+    def plan(*targets: str) -> str:
+        result = subprocess.run(["make", "-n", *targets, f"CONFIG={TINY}", f"RUN={run}", "ROUND=2",
+                                 f"ANNOTATE={sheet}"], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert f"--action export --candidates {candidates}" in plan("prefs-export")
+    assert f"--output_dir {run}/round2/prefs_human" in plan("prefs-import")
+    assert f"{run}/round2/prefs/ranked.jsonl" in plan("round2-rm")
+    candidates.parent.mkdir(parents=True)
+    candidates.write_text(json.dumps({"prompt": "How are you?", "responses": ["Great!", "Bad.", "Fine."],
+                                      "finished": [True, True, True]}) + "\n")
+    annotate_main(["--action", "export", "--candidates", str(candidates), "--file", str(sheet)])
+    with sheet.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    rows[0]["ranking"] = "1,3,2"
+    with sheet.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    annotate_main(["--action", "import", "--candidates", str(candidates), "--file", str(sheet),
+                   "--output_dir", str(run / "round2" / "prefs_human")])
+    assert f"{run}/round2/prefs_human/ranked.jsonl" in plan("round2-rm")
 
 
 def test_round_prompts_are_consecutive_blocks_and_refused_when_the_file_runs_out():
