@@ -44,8 +44,17 @@ def kill_make_when(arguments: list[str], ready, timeout: float = 600) -> None:
 
 
 def test_make_rounds_chains_rounds_on_fresh_prompts_and_resumes_a_killed_round(make_run):
-    result = make(make_run, "round2")
+    # `make rounds ROUNDS=3` killed once round 3's PPO saved a checkpoint, then run again: the work before is
+    # kept (every stage up to date), round 3's PPO resumes, and the report covers every round.
+    pointer = make_run / "round3" / ".ppo.partial" / "resume" / "latest.json"
+    kill_make_when(["make", "rounds", f"CONFIG={TINY}", f"RUN={make_run}", "ROUNDS=3"], pointer.exists)
+    assert not (make_run / "round3" / "ppo").exists()
+    result = make(make_run, "rounds", "ROUNDS=3")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "ppo: resuming from" in result.stdout
+    assert "round2/ppo is up to date" in result.stdout and "round3/prefs is up to date" in result.stdout
+    assert manifest(make_run / "round3" / "ppo")["metrics"]["updates"] == 4
+
     round2 = make_run / "round2"
     # Each round's manifests name their parents: policy r-1, RM r-1 (warm start), SFT as the KL reference.
     prefs, rm, ppo = (manifest(round2 / stage) for stage in ("prefs", "rm", "ppo"))
@@ -58,20 +67,11 @@ def test_make_rounds_chains_rounds_on_fresh_prompts_and_resumes_a_killed_round(m
     assert ppo["inputs"]["policy"]["path"] == str((make_run / "ppo").resolve())
     assert ppo["inputs"]["reference"]["path"] == str((make_run / "sft").resolve())
     assert ppo["inputs"]["reward_model"]["path"] == str((round2 / "rm").resolve())
+    assert manifest(make_run / "round3" / "rm")["inputs"]["model"]["path"] == str((round2 / "rm").resolve())
     # Round 2 starts where round 1 ended, already away from its KL reference (SFT); round 1 started on it.
     first_eval = [json.loads((folder / "metrics.jsonl").read_text().splitlines()[0])["eval/kl"]
                   for folder in (make_run / "ppo", round2 / "ppo")]
     assert abs(first_eval[0]) < 1e-3 < first_eval[1], first_eval
-
-    # Round 3 killed once its PPO saved a checkpoint, then run again: earlier work is kept, PPO resumes.
-    pointer = make_run / "round3" / ".ppo.partial" / "resume" / "latest.json"
-    kill_make_when(["make", "rounds", f"CONFIG={TINY}", f"RUN={make_run}", "ROUNDS=3"], pointer.exists)
-    assert not (make_run / "round3" / "ppo").exists()
-    result = make(make_run, "rounds", "ROUNDS=3")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "ppo: resuming from" in result.stdout
-    assert "round2/ppo is up to date" in result.stdout and "round3/prefs is up to date" in result.stdout
-    assert manifest(make_run / "round3" / "ppo")["metrics"]["updates"] == 4
     # Every round asked its labeller about prompts no other round used, as many as `make prefs` takes.
     prompts = [ranked_prompts(folder / "prefs") for folder in (make_run, round2, make_run / "round3")]
     assert all(len(p) == 24 for p in prompts)
