@@ -180,8 +180,8 @@ def evaluate_checkpoint(name: str, path: str, reference: PreTrainedModel | None,
     if pair_prompts:  # a second reply to the first prompts: pairs from this policy for the shift table
         second = sample_replies(model, tokenizer, prompts[:pair_prompts], prompt_ids[:pair_prompts], config, compute,
                                 config.seed + 1, f"{name} (second reply)")
-        texts, finished = decode_replies(tokenizer, second)
-        result["second"] = {"replies": texts, "finished": finished}
+        second_texts, second_finished = decode_replies(tokenizer, second)
+        result["second"] = {"replies": second_texts, "finished": second_finished}
     return result
 
 

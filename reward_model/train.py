@@ -228,11 +228,12 @@ def main(argv: list[str] | None = None) -> None:
         "adapter": config.keeps_adapter(),
     }
     if len(evaluation_by_file) > 1:  # iterated rounds: is the newest round's data learnt, the oldest kept?
-        start, metrics["eval_accuracy_by_file"] = 0, {}
+        by_file, start = {}, 0  # `evaluation` lists each file's held-out pairs in turn
         for source, held in evaluation_by_file.items():
             end = start + len(held)
-            accuracy = pairwise_metrics(chosen[start:end], rejected[start:end], "eval")["eval_accuracy"]
-            metrics["eval_accuracy_by_file"][source], start = accuracy, end
+            by_file[source] = pairwise_metrics(chosen[start:end], rejected[start:end], "eval")["eval_accuracy"]
+            start = end
+        metrics["eval_accuracy_by_file"] = by_file
     trainer.log({key: value for key, value in metrics.items() if isinstance(value, float)})
     final = output.commit(config, inputs, metrics, print_)
     print(f"rm: held-out pairwise accuracy {metrics['eval_accuracy']:.3f} on {len(evaluation)} pairs "
