@@ -18,7 +18,6 @@ reads through peft.
 
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,46 +33,13 @@ from peft import (
 from transformers import PreTrainedModel, TrainerCallback
 
 from common.errors import PipelineError
+from common.options import AdapterOptions, check_peft_method
 
-PEFT_METHODS = ("none", "lora", "adalora", "ia3", "prefix", "p_tuning", "prompt")
-PROMPT_LEARNING = ("prefix", "p_tuning", "prompt")
 PROMPT_LEARNING_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")  # their peft_type in adapter_config.json
-
-
-@dataclass
-class AdapterOptions:
-    peft_method: str = field(default="none", metadata={
-        "help": "none (train the weights themselves), lora, adalora, ia3 (merged into the saved model unless merge "
-                "is off), prefix (prefix tuning), p_tuning (P-tuning v2: a prefix in every layer, no MLP), prompt "
-                "(prompt tuning; these three are saved as an adapter on the base model)"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank (AdaLoRA: the initial rank, halved on average)"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA/AdaLoRA alpha"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA/AdaLoRA dropout (PPO: always 0)"})
-    lora_target_modules: str = field(default="all-linear", metadata={
-        "help": "modules LoRA/AdaLoRA adapt: all-linear or comma-separated names (IA3 takes peft's per-family "
-                "choice)"})
-    num_virtual_tokens: int = field(default=16, metadata={"help": "prefix, p_tuning, prompt: virtual tokens"})
-    merge: bool = field(default=True, metadata={"help": "merge a LoRA/AdaLoRA/IA3 adapter into the saved model"})
-
-    def uses_adapter(self) -> bool:
-        return self.peft_method != "none"
-
-    def keeps_adapter(self) -> bool:
-        """Whether the saved checkpoint is an adapter on the base model rather than whole weights."""
-        return self.peft_method in PROMPT_LEARNING or (self.uses_adapter() and not self.merge)
 
 
 def target_modules(text: str) -> str | list[str]:
     return text if text == "all-linear" else [name.strip() for name in text.split(",") if name.strip()]
-
-
-def check_peft_method(method: str, stage: str, refused: dict[str, str]) -> None:
-    if method not in PEFT_METHODS:
-        raise PipelineError(f"{stage}: peft_method must be one of {', '.join(PEFT_METHODS)}, got {method!r}")
-    if method in refused:
-        supported = ", ".join(m for m in PEFT_METHODS if m not in refused)
-        raise PipelineError(f"{stage}: peft_method {method} is not supported here: {refused[method]}; use one of "
-                            f"{supported}")
 
 
 def peft_config(options: AdapterOptions, model: PreTrainedModel, task_type: str, stage: str,

@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from common.chat_template import chatml_template
-from common.checkpoint import StagedOutput, fingerprint, up_to_date
+from common.checkpoint import StagedOutput, fingerprint, skip_unchanged
 from common.config import parse_config
 from common.errors import PipelineError, run_cli
 from common.modeling import ensure_distinct_pad
@@ -92,8 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         raise PipelineError(f"base source must be smollm2 or tiny, got {config.source!r}")
     inputs = {"gguf_file": GGUF_FILE}
     print_ = fingerprint(config, inputs)
-    if not config.force and up_to_date(config.output_dir, print_):
-        print(f"base: {config.output_dir} is up to date")
+    if skip_unchanged("base", config, print_):
         return
     output = StagedOutput(config.output_dir, "base")
     staging = output.open()

@@ -79,6 +79,15 @@ def up_to_date(output_dir: str | Path, print_: str) -> bool:
     return manifest is not None and manifest.get("fingerprint") == print_
 
 
+def skip_unchanged(stage: str, config: Any, print_: str) -> bool:
+    """Whether `config.output_dir` already holds this exact work (unless `--force`): then say so, once per launch."""
+    if config.force or not up_to_date(config.output_dir, print_):
+        return False
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{stage}: {config.output_dir} is up to date (inputs unchanged); pass --force true to run it again")
+    return True
+
+
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in LIBRARIES:

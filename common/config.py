@@ -7,12 +7,14 @@ describes a whole run. Precedence: dataclass defaults < YAML section < command l
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 from transformers import HfArgumentParser
 
+from common.checkpoint import fingerprint, skip_unchanged
 from common.errors import PipelineError
 
 T = TypeVar("T")
@@ -58,6 +60,17 @@ def parse_config(config_type: type[T], section: str, argv: list[str] | None = No
     if leftover:
         raise PipelineError(f"unknown command-line argument(s): {' '.join(leftover)}; see --help")
     return config
+
+
+def skipped_before_training(config_type: type[T], section: str, inputs: Callable[[T], dict[str, Any]]) -> bool:
+    """What `python -m <stage>` asks before it imports torch and the training libraries (10 s and more on a CPU,
+    paid each time `make` passes an unchanged stage): is the output up to date? A problem with the options is
+    left for the stage itself to report (through run_cli) once it has loaded."""
+    try:
+        config = parse_config(config_type, section)
+        return skip_unchanged(section, config, fingerprint(config, inputs(config)))
+    except PipelineError:
+        return False
 
 
 def parse_mapping(text: str | None, option: str) -> dict[str, str]:

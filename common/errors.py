@@ -25,8 +25,10 @@ def run_cli(main: Callable[[list[str] | None], None], argv: list[str] | None = N
     """Run a stage's `main`. Users get one readable line instead of a traceback from deep inside a library;
     programming errors (anything else) still raise with their traceback so they can be reported. `stage` and
     `batch_options` (the options that size its batches) name what to change when the GPU runs out of memory."""
+    finished = False
     try:
         main(argv)
+        finished = True
     except PipelineError as err:
         fail(f"error: {err}")
     except OSError as err:
@@ -49,7 +51,7 @@ def run_cli(main: Callable[[list[str] | None], None], argv: list[str] | None = N
         fail(f"error: {stage}: the accelerator failed ({first_line(err)}); full log in {log}; no output was marked "
              "complete")
     finally:
-        end_processes()
+        end_processes(finished)
 
 
 def first_line(err: BaseException) -> str:
@@ -61,9 +63,13 @@ def fail(line: str) -> None:
     sys.exit(2)  # run_cli's `finally` still leaves the process group
 
 
-def end_processes() -> None:
-    """Leave the process group (if this run joined one) before the interpreter exits: a gloo group still alive
-    at exit can abort the process ("terminate called without an active exception") after its work is done."""
+def end_processes(finished: bool) -> None:
+    """Leave the process group (if this run joined one) before the interpreter exits. A process that leaves a
+    gloo group while another still works in it (process 1 done while process 0 writes the checkpoint) can
+    abort ("terminate called without an active exception"), so after a finished run all processes wait for
+    each other first. After an error they do not: the launcher stops the others."""
     torch = sys.modules.get("torch")
     if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if finished:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()

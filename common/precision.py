@@ -8,8 +8,7 @@ the KL penalty starts at exactly 0. Log-softmax, values, rewards and losses are 
 """
 
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from accelerate import PartialState
@@ -17,12 +16,6 @@ from accelerate import PartialState
 from common.errors import PipelineError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def precision_option() -> Any:
-    """The `precision` option of every stage's config dataclass, with one default and one help text."""
-    return field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16 (auto: bf16 on a GPU that has it, "
-                                                   "fp32 on the CPU)"})
 
 
 def compute_device() -> torch.device:

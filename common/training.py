@@ -5,9 +5,7 @@ trained model (whole, even when DeepSpeed ZeRO-3 or FSDP sharded it) per the che
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import PartialState
@@ -15,71 +13,10 @@ from peft import PeftModel
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-from common.adapters import AdapterOptions
 from common.checkpoint import RESUME, StagedOutput
 from common.distributed import open_output, output_bytes
 from common.errors import PipelineError
-from common.precision import Compute, precision_option
-
-
-@dataclass
-class TrainerOptions(AdapterOptions):
-    max_length: int = field(default=256, metadata={"help": "tokens per example"})
-    learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate"})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "epochs (max_steps wins when > 0)"})
-    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; -1: from num_train_epochs"})
-    per_device_train_batch_size: int = field(default=4, metadata={"help": "examples per device per step"})
-    per_device_eval_batch_size: int = field(default=8, metadata={"help": "examples per device in eval"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "share of steps with linear warm-up"})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    logging_steps: int = field(default=10, metadata={"help": "log train metrics every N steps"})
-    eval_steps: int = field(default=0, metadata={"help": "evaluate every N steps (0: at the start/end only)"})
-    save_steps: int = field(default=50, metadata={"help": "checkpoint the training state every N steps; a rerun "
-                                                          "after a kill resumes from the last one; 0: never"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward "
-                                                                          "pass: less memory, a third more compute"})
-    precision: str = precision_option()
-    seed: int = field(default=42, metadata={"help": "seed for data order, split and initialisation"})
-    force: bool = field(default=False, metadata={"help": "retrain even if the output is up to date"})
-
-    def trainer_kwargs(self, staging: Path, compute: Compute) -> dict[str, Any]:
-        """`compute` is this process's device and resolved precision: fp32 weights, autocast in bf16/fp16."""
-        return dict(
-            output_dir=str(staging / RESUME),
-            max_length=self.max_length,
-            learning_rate=self.learning_rate,
-            num_train_epochs=self.num_train_epochs,
-            max_steps=self.max_steps,
-            per_device_train_batch_size=self.per_device_train_batch_size,
-            per_device_eval_batch_size=self.per_device_eval_batch_size,
-            gradient_accumulation_steps=self.gradient_accumulation_steps,
-            warmup_steps=self.warmup_ratio,  # a float below 1 is a fraction of the total steps
-            lr_scheduler_type=self.lr_scheduler_type,
-            weight_decay=self.weight_decay,
-            logging_steps=self.logging_steps,
-            logging_first_step=True,
-            # trl turns this on by default; on a CPU or a model that fits, it only costs time.
-            gradient_checkpointing=self.gradient_checkpointing,
-            eval_strategy="steps" if self.eval_steps else "no",
-            eval_steps=self.eval_steps or None,
-            save_strategy="steps" if self.save_steps else "no",
-            save_steps=self.save_steps or None,
-            save_total_limit=2,  # the newest may be half-written when the run is killed; the one before is whole
-            # transformers would drop NaN/inf losses from the logged mean; the divergence check must see them.
-            logging_nan_inf_filter=False,
-            bf16=compute.precision == "bf16",
-            fp16=compute.precision == "fp16",
-            use_cpu=compute.device.type == "cpu",  # without it the trainer refuses bf16 autocast on a CPU
-            seed=self.seed,
-            data_seed=self.seed,
-            report_to=["tensorboard"],
-            dataloader_num_workers=0,
-            # The process group `start_processes` joined: the trainer would otherwise reset and rebuild it,
-            # losing the gloo backend DeepSpeed needs on a CPU.
-            accelerator_config={"use_configured_state": True},
-        )
+from common.options import TrainerOptions
 
 
 def open_for_training(output: StagedOutput, state: PartialState, print_: str, model: PreTrainedModel,

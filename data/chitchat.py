@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.checkpoint import StagedOutput, fingerprint, up_to_date
+from common.checkpoint import StagedOutput, fingerprint, skip_unchanged
 from common.config import parse_config
 from common.errors import PipelineError, run_cli
 
@@ -88,8 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         raise PipelineError(f"turns_per_example must be an even number >= 2, got {config.turns_per_example}")
     inputs = {"chitchat_dataset": "0.9", "splitter": 2}
     print_ = fingerprint(config, inputs)
-    if not config.force and up_to_date(config.output_dir, print_):
-        print(f"data: {config.output_dir} is up to date")
+    if skip_unchanged("data", config, print_):
         return
     output = StagedOutput(config.output_dir, "data")
     counts = build(config, output.open())

@@ -23,11 +23,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, set_seed
 
-from common.checkpoint import StagedOutput, describe_input, describe_parent, fingerprint, up_to_date
+from common.checkpoint import StagedOutput, describe_input, describe_parent, fingerprint, skip_unchanged
 from common.config import parse_config
 from common.errors import PipelineError, run_cli
 from common.modeling import generate_replies, load_causal_lm, load_tokenizer
-from common.precision import Compute, precision_option
+from common.options import precision_option
+from common.precision import Compute
 from data.judges import Judge, load_judge, run_judge
 from data.preferences import PreferencePair, ranking_pairs
 from data.prompts import load_prompts
@@ -120,8 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     inputs = {"policy": describe_parent(config.policy), "prompts": describe_input(config.prompts),
               "labeller": describe_input(config.labeller) if Path(config.labeller).is_dir() else config.labeller}
     print_ = fingerprint(config, inputs)
-    if not config.force and up_to_date(config.output_dir, print_):
-        print(f"prefs: {config.output_dir} is up to date (inputs unchanged); pass --force true to collect again")
+    if skip_unchanged("prefs", config, print_):
         return
 
     # Validate everything (prompts, policy, labeller) before the long sampling run.

@@ -31,7 +31,7 @@ from common.checkpoint import (
     fingerprint,
     read_manifest,
     require_checkpoint,
-    up_to_date,
+    skip_unchanged,
 )
 from common.config import parse_config
 from common.errors import PipelineError
@@ -43,7 +43,8 @@ from common.modeling import (
     load_tokenizer,
     pad_sequences,
 )
-from common.precision import Compute, precision_option
+from common.options import precision_option
+from common.precision import Compute
 from common.reward import RewardScorer, prompt_input_ids
 from data.chat import load_chat_examples
 from data.judges import load_judge, run_judge
@@ -262,8 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     if config.sft_eval_data:
         inputs["sft_eval_data"] = describe_input(config.sft_eval_data)
     print_ = fingerprint(config, inputs)
-    if not config.force and up_to_date(config.output_dir, print_):
-        print(f"eval: {config.output_dir} is up to date (inputs unchanged); pass --force true to evaluate again")
+    if skip_unchanged("eval", config, print_):
         print_headline(Path(config.output_dir), json.loads((Path(config.output_dir) / "report.json").read_text()))
         return
 

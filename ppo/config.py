@@ -1,10 +1,12 @@
-"""PPO's options: one dataclass (`python -m ppo --help` lists them), and the checks that need no model."""
+"""PPO's options: one dataclass (`python -m ppo --help` lists them), what the output depends on, and the checks
+that need no model: light enough to find the output up to date before the training libraries load."""
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from common.adapters import PROMPT_LEARNING, AdapterOptions, check_peft_method
+from common.checkpoint import describe_input, describe_parent
 from common.errors import PipelineError
-from common.precision import precision_option
+from common.options import PROMPT_LEARNING, AdapterOptions, check_peft_method, precision_option
 
 # Why PPO takes no prompt-learning adapter (its reference could be the policy with the adapter off, but):
 PPO_REFUSED = dict.fromkeys(PROMPT_LEARNING, "it puts virtual tokens in front of every sequence, and PPO's forwards "
@@ -83,6 +85,19 @@ class PPOStageConfig(AdapterOptions):
     def optimizer_steps(self) -> int:
         """Steps of the whole run: the learning-rate schedule's (and AdaLoRA's) length."""
         return self.num_updates * self.ppo_epochs * (self.rollout_batch_size // self.mini_batch_size)
+
+
+def stage_inputs(config: PPOStageConfig) -> dict[str, Any]:
+    """What the output depends on besides the options: the parents' manifests and the data files' contents."""
+    inputs = {"policy": describe_parent(config.policy), "reward_model": describe_parent(config.reward_model),
+              "prompts": describe_input(config.prompts)}
+    if config.critic:
+        inputs["critic"] = describe_parent(config.critic)
+    if config.reference:
+        inputs["reference"] = describe_parent(config.reference)
+    if config.ptx_data:
+        inputs["ptx_data"] = describe_input(config.ptx_data)
+    return inputs
 
 
 def validate(config: PPOStageConfig) -> None:

@@ -50,11 +50,10 @@ from common.adapters import allocate_adapter_rank, prompt_learning_adapter
 from common.checkpoint import (
     RESUME,
     StagedOutput,
-    describe_input,
     describe_parent,
     fingerprint,
     require_checkpoint,
-    up_to_date,
+    skip_unchanged,
 )
 from common.config import parse_config
 from common.distributed import open_output, output_bytes, start_processes
@@ -63,7 +62,7 @@ from common.modeling import load_tokenizer
 from common.precision import Compute, choose_precision
 from data.judges import Judge, load_judge
 from ppo.checkpoints import MetricsLog, TrainingProgress, resume_point, save_checkpoint, save_final, whole_weights
-from ppo.config import PPOStageConfig, validate
+from ppo.config import PPOStageConfig, stage_inputs, validate
 from ppo.core import (
     KLController,
     generalized_advantages,
@@ -117,17 +116,9 @@ class PPORun:
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(PPOStageConfig, "ppo", argv)
-    inputs = {"policy": describe_parent(config.policy), "reward_model": describe_parent(config.reward_model),
-              "prompts": describe_input(config.prompts)}
-    if config.critic:
-        inputs["critic"] = describe_parent(config.critic)
-    if config.reference:
-        inputs["reference"] = describe_parent(config.reference)
-    if config.ptx_data:
-        inputs["ptx_data"] = describe_input(config.ptx_data)
+    inputs = stage_inputs(config)
     print_ = fingerprint(config, inputs)
-    if not config.force and up_to_date(config.output_dir, print_):
-        print(f"ppo: {config.output_dir} is up to date (inputs unchanged); pass --force true to train again")
+    if skip_unchanged("ppo", config, print_):
         return
 
     state = start_processes()
@@ -404,4 +395,3 @@ def finish(run: PPORun, output: StagedOutput, inputs: dict, print_: str, metrics
             if key in final_eval:
                 line += f"; {label} " + (f"{initial[key]:.3f} -> " if key in initial else "") + f"{final_eval[key]:.3f}"
         print(f"{line}; wrote {final}")
-    run.accelerator.wait_for_everyone()

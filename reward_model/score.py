@@ -17,7 +17,8 @@ from pathlib import Path
 
 from common.config import parse_config, parse_mapping
 from common.errors import PipelineError, run_cli
-from common.precision import Compute, precision_option
+from common.options import precision_option
+from common.precision import Compute
 from common.reward import RewardScorer
 from data.chat import Message, RowError, as_messages
 from data.preferences import finished_flag, load_preference_pairs, reply_text

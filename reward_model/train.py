@@ -22,23 +22,24 @@ import hashlib
 import os
 import random
 import statistics
-from dataclasses import dataclass, field
 
 import torch
 from transformers import set_seed
 from trl import RewardConfig
 
-from common.adapters import PROMPT_LEARNING, AdaLoraBudget, peft_config, planned_steps
-from common.checkpoint import StagedOutput, describe_input, describe_parent, fingerprint, up_to_date
+from common.adapters import AdaLoraBudget, peft_config, planned_steps
+from common.checkpoint import StagedOutput, fingerprint, skip_unchanged
 from common.config import parse_config, parse_mapping
 from common.distributed import start_processes
 from common.errors import PipelineError
 from common.metrics import JsonlMetricsCallback
 from common.modeling import freeze_lower_blocks, load_reward_model, load_tokenizer
+from common.options import PROMPT_LEARNING
 from common.precision import Compute
 from common.reward import RewardScorer
-from common.training import StopOnNonFinite, TrainerOptions, open_for_training, save_trained_model
+from common.training import StopOnNonFinite, open_for_training, save_trained_model
 from data.preferences import PreferencePair, check_prompt_lengths, load_preference_pairs
+from reward_model.config import RewardStageConfig, files, stage_inputs
 from reward_model.grouped import GroupCollator, GroupedRewardTrainer, tokenize_groups
 
 # Why a reward model cannot be a prompt-learning adapter.
@@ -47,41 +48,8 @@ PROMPT_LEARNING_REFUSED = dict.fromkeys(
     "prefs, eval, score) takes a plain sequence classifier")
 
 
-@dataclass
-class RewardStageConfig(TrainerOptions):
-    model: str = field(default="runs/default/sft", metadata={"help": "initial model: the SFT checkpoint"})
-    data: str = field(default="runs/default/prefs/ranked.jsonl", metadata={"help": "preference data: a file, or "
-                                                                                      "several comma-separated"})
-    eval_data: str = field(default="", metadata={"help": "held-out pairs; empty: hold out eval_fraction of prompts"})
-    output_dir: str = field(default="runs/default/rm", metadata={"help": "where the checkpoint is written"})
-    columns: str = field(default="", metadata={"help": "column mapping, e.g. chosen=good,rejected=bad"})
-    min_margin: float = field(default=0.0, metadata={"help": "drop scored pairs whose scores differ by no more"})
-    eval_fraction: float = field(default=0.1, metadata={"help": "share of prompts held out when no eval_data"})
-    max_train_pairs: int = field(default=0, metadata={"help": "train on at most this many pairs (0: all)"})
-    max_eval_pairs: int = field(default=500, metadata={"help": "evaluate on at most this many pairs (0: all)"})
-    learning_rate: float = field(default=1e-5, metadata={"help": "peak learning rate"})
-    per_device_train_batch_size: int = field(default=2, metadata={"help": "prompts (each with all its compared "
-                                                                         "replies) per device per step"})
-    per_device_eval_batch_size: int = field(default=16, metadata={"help": "sequences per forward pass in eval"})
-    use_margin: bool = field(default=False, metadata={"help": "loss -log sigmoid(r_c - r_r - margin) with the "
-                                                               "data's score margins (Llama 2)"})
-    center_rewards_coefficient: float = field(default=0.0, metadata={"help": "weight of mean(r^2) that keeps "
-                                                                              "rewards centred at 0; 0: off"})
-    head_learning_rate: float = field(default=0.0, metadata={"help": "learning rate of the new score head; "
-                                                                      "0: learning_rate"})
-    trainable_layers: int = field(default=0, metadata={"help": "train only the top N transformer blocks (plus "
-                                                                "final norm and score head); 0: all"})
-    norm_responses: int = field(default=512, metadata={"help": "training replies scored for the reward "
-                                                                "mean/std that PPO normalises with"})
-
-
 def prompt_key(pair: PreferencePair) -> str:
     return "\n".join(f"{m['role']}:{m['content']}" for m in pair.prompt)
-
-
-def files(text: str) -> list[str]:
-    """A data option's files: one path, or several comma-separated (iterated rounds train on every round's)."""
-    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def load_splits(config: RewardStageConfig) -> tuple[list[PreferencePair], dict[str, list[PreferencePair]]]:
@@ -148,12 +116,9 @@ def reward_normalisation(scorer: RewardScorer, train: list[PreferencePair], conf
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(RewardStageConfig, "rm", argv)
     state = start_processes()
-    inputs = {"model": describe_parent(config.model),
-              **{key: [describe_input(source) for source in files(text)] if "," in text else describe_input(text)
-                 for key, text in (("data", config.data), ("eval_data", config.eval_data)) if text}}
+    inputs = stage_inputs(config)
     print_ = fingerprint(config, inputs)
-    if not config.force and up_to_date(config.output_dir, print_):
-        state.print(f"rm: {config.output_dir} is up to date (inputs unchanged); pass --force true to retrain")
+    if skip_unchanged("rm", config, print_):
         return
 
     # Validate everything before any work or any output.

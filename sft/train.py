@@ -19,7 +19,6 @@ after a kill resumes from the last trainer checkpoint (every `save_steps` steps)
 
 import math
 import os
-from dataclasses import dataclass, field
 
 import torch
 from datasets import Dataset
@@ -28,31 +27,15 @@ from trl import SFTConfig, SFTTrainer
 
 from common.adapters import AdaLoraBudget, peft_config, planned_steps, start_prefix_from_tokens
 from common.chat_template import choose_chat_template
-from common.checkpoint import StagedOutput, describe_input, describe_parent, fingerprint, up_to_date
+from common.checkpoint import StagedOutput, fingerprint, skip_unchanged
 from common.config import parse_config, parse_mapping
 from common.distributed import start_processes
 from common.metrics import JsonlMetricsCallback
 from common.modeling import generate_replies, load_causal_lm, load_tokenizer
 from common.precision import Compute
-from common.training import StopOnNonFinite, TrainerOptions, open_for_training, save_trained_model
+from common.training import StopOnNonFinite, open_for_training, save_trained_model
 from data.chat import load_chat_examples, split_train_eval
-
-
-@dataclass
-class SFTStageConfig(TrainerOptions):
-    model: str = field(default="runs/default/base", metadata={"help": "base model: a folder or hub id"})
-    data: str = field(default="runs/default/data/sft_train.jsonl", metadata={"help": "SFT data file/folder/hub"})
-    eval_data: str = field(default="", metadata={"help": "eval data; empty: hold out eval_fraction of data"})
-    output_dir: str = field(default="runs/default/sft", metadata={"help": "where the checkpoint is written"})
-    columns: str = field(default="", metadata={"help": "column mapping, e.g. messages=conversations"})
-    eval_fraction: float = field(default=0.05, metadata={"help": "share of data held out when no eval_data"})
-    max_train_examples: int = field(default=0, metadata={"help": "use at most this many (0: all)"})
-    max_eval_examples: int = field(default=200, metadata={"help": "evaluate on at most this many (0: all)"})
-    num_sample_prompts: int = field(default=3, metadata={"help": "eval prompts answered into the manifest"})
-    max_new_tokens: int = field(default=48, metadata={"help": "length of those sample answers"})
-    chat_template: str = field(default="auto", metadata={
-        "help": "auto: the model's own template if assistant-only loss can use it (trl patches known ones), else "
-                "ChatML (a pretrained model has none); chatml; or a Jinja file with trl's generation markers"})
+from sft.config import SFTStageConfig, stage_inputs
 
 
 def load_splits(config: SFTStageConfig) -> tuple[list, list]:
@@ -72,12 +55,9 @@ def load_splits(config: SFTStageConfig) -> tuple[list, list]:
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(SFTStageConfig, "sft", argv)
     state = start_processes()
-    inputs = {"model": describe_parent(config.model), "data": describe_input(config.data)}
-    if config.eval_data:
-        inputs["eval_data"] = describe_input(config.eval_data)
+    inputs = stage_inputs(config)
     print_ = fingerprint(config, inputs)
-    if not config.force and up_to_date(config.output_dir, print_):
-        state.print(f"sft: {config.output_dir} is up to date (inputs unchanged); pass --force true to retrain")
+    if skip_unchanged("sft", config, print_):
         return
 
     # Validate everything before any work or any output.

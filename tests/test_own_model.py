@@ -26,10 +26,11 @@ from transformers import (
     Qwen2Config,
 )
 
-from common.adapters import AdapterOptions, peft_config, start_prefix_from_tokens
+from common.adapters import peft_config, start_prefix_from_tokens
 from common.checkpoint import MANIFEST
 from common.errors import PipelineError
 from common.modeling import load_causal_lm
+from common.options import AdapterOptions
 from evaluation.evaluate import main as eval_main
 from ppo.train import main as ppo_main
 from reward_model.train import main as rm_main

@@ -19,6 +19,7 @@ from tests.conftest import (
     one_error_line,
     resumable_checkpoints,
     run_in_process,
+    run_module,
     write_jsonl,
 )
 
@@ -82,6 +83,13 @@ def test_rerun_with_same_inputs_is_skipped(full_run, tiny_base, capsys):
             "--max_steps", "25"]
     sft_main(args)
     assert "up to date" in capsys.readouterr().out
+    # From the command line the check comes before torch and the training libraries load (seconds saved
+    # each time `make` passes an unchanged stage).
+    result = run_module("sft", *args, env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert result.returncode == 0 and "is up to date" in result.stdout, result.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time")}
+    assert "common.config" in imported and not imported & {"torch", "trl", "peft", "datasets", "accelerate"}
     assert json.loads((output / MANIFEST).read_text())["finished"] == manifest["finished"]
 
 
