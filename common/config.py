@@ -62,15 +62,15 @@ def parse_config(config_type: type[T], section: str, argv: list[str] | None = No
     return config
 
 
-def skipped_before_training(config_type: type[T], section: str, inputs: Callable[[T], dict[str, Any]]) -> bool:
+def config_if_up_to_date(config_type: type[T], section: str, inputs: Callable[[T], dict[str, Any]]) -> T | None:
     """What `python -m <stage>` asks before it imports torch and the training libraries (10 s and more on a CPU,
-    paid each time `make` passes an unchanged stage): is the output up to date? A problem with the options is
-    left for the stage itself to report (through run_cli) once it has loaded."""
+    paid each time `make` passes an unchanged stage): the parsed options when the output is up to date (after
+    saying so), else None. A problem with the options is left for the stage itself to report once it has loaded."""
     try:
         config = parse_config(config_type, section)
-        return skip_unchanged(section, config, fingerprint(config, inputs(config)))
+        return config if skip_unchanged(section, config, fingerprint(config, inputs(config))) else None
     except PipelineError:
-        return False
+        return None
 
 
 def parse_mapping(text: str | None, option: str) -> dict[str, str]:

@@ -20,15 +20,10 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase, set_seed
-
 from common.checkpoint import StagedOutput, describe_input, describe_parent, fingerprint, skip_unchanged
 from common.config import parse_config
 from common.errors import PipelineError, run_cli
-from common.modeling import generate_replies, load_causal_lm, load_tokenizer
 from common.options import precision_option
-from common.precision import Compute
 from data.judges import Judge, load_judge, run_judge
 from data.preferences import PreferencePair, ranking_pairs
 from data.prompts import load_prompts
@@ -73,24 +68,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
         handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
-def sample_candidates(config: CollectConfig, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-                      compute: Compute) -> list[dict]:
-    model = load_causal_lm(config.policy).to(compute.device)
-    set_seed(config.seed)
-    k = config.samples_per_prompt
-    rows = []
-    bar = tqdm(range(0, len(prompts), config.prompts_per_batch), desc="prefs: sampling", unit="batch")
-    for start in bar:
-        batch = prompts[start:start + config.prompts_per_batch]
-        with compute.autocast():
-            replies, finished = generate_replies(model, tokenizer, batch, config.max_new_tokens, do_sample=True,
-                                                 temperature=config.temperature, num_return_sequences=k,
-                                                 what="prefs")
-        rows.extend({"prompt": prompt, "responses": replies[i * k:(i + 1) * k], "finished": finished[i * k:(i + 1) * k]}
-                    for i, prompt in enumerate(batch))
-    return rows
-
-
 def label(rows: list[dict], judge: Judge, spec: str) -> list[dict]:
     prompts = [row["prompt"] for row in rows for _ in row["responses"]]
     replies = [reply for row in rows for reply in row["responses"]]
@@ -123,6 +100,11 @@ def main(argv: list[str] | None = None) -> None:
     print_ = fingerprint(config, inputs)
     if skip_unchanged("prefs", config, print_):
         return
+    # The model side loads only now, past the up-to-date check: torch and transformers take 8 s on a CPU,
+    # which every `make` that passes this stage would pay.
+    from common.modeling import load_tokenizer
+    from common.precision import Compute
+    from data.sampling import sample_candidates
 
     # Validate everything (prompts, policy, labeller) before the long sampling run.
     prompts = round_prompts(load_prompts(config.prompts), config)

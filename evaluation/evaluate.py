@@ -14,10 +14,8 @@ means and win rates. Writes `output_dir` (default `$(RUN)/eval/`): `report.md`, 
 `replies.jsonl` (every reply with its scores), PNG plots and `pipeline.json`.
 """
 
-import json
 import math
 import statistics
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,8 +24,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from common.checkpoint import (
     StagedOutput,
-    describe_input,
-    describe_parent,
     fingerprint,
     read_manifest,
     require_checkpoint,
@@ -43,63 +39,15 @@ from common.modeling import (
     load_tokenizer,
     pad_sequences,
 )
-from common.options import precision_option
 from common.precision import Compute
 from common.reward import RewardScorer, prompt_input_ids
 from data.chat import load_chat_examples
 from data.judges import load_judge, run_judge
 from data.prompts import load_prompts
+from evaluation.config import EvalConfig, parse_checkpoints, parse_rounds, stage_inputs
 from evaluation.metrics import distinct_n, mean_with_interval, sequence_kl, win_outcomes
-from evaluation.report import write_report
-from evaluation.rounds import parse_rounds, rounds_summary, shift_outcomes
-
-
-@dataclass
-class EvalConfig:
-    checkpoints: str = field(default="base=runs/default/base,sft=runs/default/sft,ppo=runs/default/ppo",
-                             metadata={"help": "name=path (folder or hub id) pairs, comma-separated, in report order"})
-    reference: str = field(default="sft", metadata={"help": "the checkpoint (by name) others are compared with"})
-    prompts: str = field(default="runs/default/data/prompts_eval.jsonl",
-                         metadata={"help": "held-out prompt file (held apart from preference and PPO prompts)"})
-    prompt_column: str = field(default="prompt", metadata={"help": "column holding the prompt"})
-    judge: str = field(default="data.judges:gold_judge",
-                       metadata={"help": "module:function judge, or a reward-model folder"})
-    reward_model: str = field(default="runs/default/rm", metadata={"help": "reward model to score with ('' : none)"})
-    sft_eval_data: str = field(default="runs/default/data/sft_eval.jsonl",
-                               metadata={"help": "SFT eval conversations for perplexity ('' : skip)"})
-    output_dir: str = field(default="runs/default/eval", metadata={"help": "where the report is written"})
-    num_prompts: int = field(default=256, metadata={"help": "the first N prompts of the file (0: all)"})
-    max_new_tokens: int = field(default=32, metadata={"help": "reply length limit (as in PPO)"})
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (as in PPO)"})
-    batch_size: int = field(default=16, metadata={"help": "prompts per generate call and per forward pass"})
-    max_perplexity_examples: int = field(default=100, metadata={"help": "SFT eval conversations for perplexity"})
-    bootstrap_resamples: int = field(default=1000, metadata={"help": "resamples for the 95 percent intervals"})
-    num_samples: int = field(default=8, metadata={"help": "prompts whose replies the report shows side by side"})
-    rounds: str = field(default="", metadata={"help": "iterated RLHF: name=reward_model pairs, one per round in "
-                                                      "order, each name a checkpoint (`make rounds` passes them)"})
-    shift_prompts: int = field(default=128, metadata={"help": "rounds: prompts on which the reference and each "
-                                                              "round sample a second reply for the shift table"})
-    shift_min_margin: float = field(default=0.1, metadata={"help": "rounds: reply pairs whose gold scores differ "
-                                                                   "by no more are ties, left out"})
-    precision: str = precision_option()
-    seed: int = field(default=42, metadata={"help": "sampling seed, the same for every checkpoint"})
-    force: bool = field(default=False, metadata={"help": "evaluate again even if the report is up to date"})
-
-
-def parse_checkpoints(text: str, reference: str) -> dict[str, str]:
-    """'name=path,...' (a bare path is named after its folder) -> {name: path}, reference included."""
-    checkpoints = {}
-    for item in (part.strip() for part in text.split(",") if part.strip()):
-        name, path = item.split("=", 1) if "=" in item else (Path(item).name, item)
-        if name.strip() in checkpoints:
-            raise PipelineError(f"--checkpoints names {name.strip()!r} twice; give each checkpoint its own name")
-        checkpoints[name.strip()] = path.strip()
-    if not checkpoints:
-        raise PipelineError("--checkpoints is empty; pass name=path pairs, e.g. sft=runs/x/sft,ppo=runs/x/ppo")
-    if reference not in checkpoints:
-        raise PipelineError(f"reference {reference!r} is not among the checkpoints ({', '.join(checkpoints)}); "
-                            "pass --reference with one of their names")
-    return checkpoints
+from evaluation.report import print_headline, write_report
+from evaluation.rounds import rounds_summary, shift_outcomes
 
 
 @torch.inference_mode()
@@ -254,17 +202,10 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_config(EvalConfig, "eval", argv)
     checkpoints = parse_checkpoints(config.checkpoints, config.reference)
     rounds = parse_rounds(config.rounds, checkpoints)
-    inputs = {"checkpoints": {name: describe_parent(path) for name, path in checkpoints.items()},
-              "prompts": describe_input(config.prompts),
-              **({"round_reward_models": {name: describe_parent(path) for name, path in rounds.items()}}
-                 if rounds else {})}
-    if config.reward_model:
-        inputs["reward_model"] = describe_parent(config.reward_model)
-    if config.sft_eval_data:
-        inputs["sft_eval_data"] = describe_input(config.sft_eval_data)
+    inputs = stage_inputs(config)
     print_ = fingerprint(config, inputs)
     if skip_unchanged("eval", config, print_):
-        print_headline(Path(config.output_dir), json.loads((Path(config.output_dir) / "report.json").read_text()))
+        print_headline(Path(config.output_dir))
         return
 
     # Validate everything before the long sampling runs: checkpoints, prompts, judge, reward model, SFT data.
@@ -322,21 +263,4 @@ def main(argv: list[str] | None = None) -> None:
         report["rounds"] = rounds_summary(rounds, results, shift, config.bootstrap_resamples, config.seed)
     write_report(staging, report, results, prompts, config.num_samples)
     final = output.commit(config, inputs, {"checkpoints": summary}, print_)
-    print_headline(final, report)
-
-
-def print_headline(folder: Path, report: dict) -> None:
-    """Where the report is and, for each checkpoint compared with the reference, the numbers that matter."""
-    reference, rows = report["reference"], report["checkpoints"]
-    print(f"eval: report {folder / 'report.md'}")
-    if report["stage_seconds"]:
-        print("eval: stage times " + ", ".join(f"{name} {seconds / 60:.1f} min" for name, seconds in
-                                               report["stage_seconds"].items())
-              + f"; total {sum(report['stage_seconds'].values()) / 60:.1f} min")
-    for name, row in rows.items():
-        if "win_gold" in row:
-            win = row["win_gold"]
-            kl = f", KL {row['kl']['mean']:.2f} nats" if row["kl"] else ""
-            print(f"eval: {name} vs {reference} under the judge: win rate {win['mean']:.3f} "
-                  f"[{win['low']:.3f}, {win['high']:.3f}], score {rows[reference]['gold']['mean']:.3f} -> "
-                  f"{row['gold']['mean']:.3f}{kl}, length {rows[reference]['length']:.1f} -> {row['length']:.1f}")
+    print_headline(final)

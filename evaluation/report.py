@@ -240,3 +240,22 @@ def plot_over_optimisation(rounds: dict[str, str], results: dict[str, dict], pat
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return True
+
+
+def print_headline(folder: Path) -> None:
+    """Where the report is and, for each checkpoint compared with the reference, the numbers that matter (also
+    what a skipped evaluation prints, so that a rerun of `make all` still ends with the result)."""
+    report = json.loads((folder / "report.json").read_text())
+    reference, rows = report["reference"], report["checkpoints"]
+    print(f"eval: report {folder / 'report.md'}")
+    if report["stage_seconds"]:
+        print("eval: stage times " + ", ".join(f"{name} {seconds / 60:.1f} min" for name, seconds in
+                                               report["stage_seconds"].items())
+              + f"; total {sum(report['stage_seconds'].values()) / 60:.1f} min")
+    for name, row in rows.items():
+        if "win_gold" in row:
+            win = row["win_gold"]
+            kl = f", KL {row['kl']['mean']:.2f} nats" if row["kl"] else ""
+            print(f"eval: {name} vs {reference} under the judge: win rate {win['mean']:.3f} "
+                  f"[{win['low']:.3f}, {win['high']:.3f}], score {rows[reference]['gold']['mean']:.3f} -> "
+                  f"{row['gold']['mean']:.3f}{kl}, length {rows[reference]['length']:.1f} -> {row['length']:.1f}")

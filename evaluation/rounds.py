@@ -10,22 +10,9 @@ Three views of the rounds (`report.py` draws them), from what the evaluation sam
 """
 
 from common.checkpoint import read_manifest
-from common.errors import PipelineError
 from common.precision import Compute
 from common.reward import RewardScorer
 from evaluation.metrics import mean_with_interval, win_outcomes
-
-
-def parse_rounds(text: str, checkpoints: dict[str, str]) -> dict[str, str]:
-    """'name=rm_path,...' in round order: each round's policy (a checkpoint name) and the RM it was trained on."""
-    rounds = {}
-    for item in (part.strip() for part in text.split(",") if part.strip()):
-        name, _, reward_model = item.partition("=")
-        if name.strip() not in checkpoints or not reward_model.strip():
-            raise PipelineError(f"--rounds item {item!r}: each item is name=reward_model_folder with a name from "
-                                f"--checkpoints ({', '.join(checkpoints)})")
-        rounds[name.strip()] = reward_model.strip()
-    return rounds
 
 
 def ranking_outcomes(gold: list[tuple[float, float]], rm: list[tuple[float, float]], min_margin: float) -> list[float]:

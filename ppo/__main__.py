@@ -1,7 +1,7 @@
-from common.config import skipped_before_training
+from common.config import config_if_up_to_date
 from ppo.config import PPOStageConfig, stage_inputs
 
-if not skipped_before_training(PPOStageConfig, "ppo", stage_inputs):
+if config_if_up_to_date(PPOStageConfig, "ppo", stage_inputs) is None:
     from common.errors import run_cli
     from ppo.train import main
 

@@ -1,7 +1,7 @@
-from common.config import skipped_before_training
+from common.config import config_if_up_to_date
 from reward_model.config import RewardStageConfig, stage_inputs
 
-if not skipped_before_training(RewardStageConfig, "rm", stage_inputs):
+if config_if_up_to_date(RewardStageConfig, "rm", stage_inputs) is None:
     from common.errors import run_cli
     from reward_model.train import main
 

@@ -1,7 +1,7 @@
-from common.config import skipped_before_training
+from common.config import config_if_up_to_date
 from sft.config import SFTStageConfig, stage_inputs
 
-if not skipped_before_training(SFTStageConfig, "sft", stage_inputs):
+if config_if_up_to_date(SFTStageConfig, "sft", stage_inputs) is None:
     from common.errors import run_cli
     from sft.train import main
 

@@ -10,7 +10,8 @@ import torch
 
 from common.checkpoint import MANIFEST
 from common.modeling import load_causal_lm
-from evaluation.evaluate import parse_checkpoints, reply_logprobs
+from evaluation.config import parse_checkpoints
+from evaluation.evaluate import reply_logprobs
 from evaluation.metrics import bootstrap_interval, distinct_n, sequence_kl, win_outcomes
 from tests.conftest import CPU, ROOT, TINY, one_error_line, run_in_process, write_jsonl
 

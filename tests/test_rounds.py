@@ -14,7 +14,8 @@ from common.checkpoint import MANIFEST
 from common.errors import PipelineError
 from data.annotate import main as annotate_main
 from data.collect import CollectConfig, round_prompts
-from evaluation.rounds import parse_rounds, ranking_outcomes
+from evaluation.config import parse_rounds
+from evaluation.rounds import ranking_outcomes
 from tests.conftest import ROOT, TINY
 
 
