@@ -2,6 +2,7 @@
 -> eval."""
 
 import json
+import os
 import subprocess
 
 from common.checkpoint import MANIFEST
@@ -53,9 +54,13 @@ def test_second_make_skips_unchanged_stages(make_run):
     for stage in ("sft", "prefs"):
         assert f"{stage}: " in result.stdout and "is up to date" in result.stdout
     result = subprocess.run(["make", "eval", f"CONFIG={TINY}", f"RUN={make_run}"], cwd=ROOT, capture_output=True,
-                            text=True)
+                            text=True, env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("is up to date") == len(stages), result.stdout
+    # Each stage finds its output up to date before torch loads: passing the whole chain costs seconds.
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time")}
+    assert "common.checkpoint" in imported and "torch" not in imported
     # A skipped evaluation still prints its headline, so a rerun of `make all` ends with the result.
     assert "ppo vs sft under the judge: win rate" in result.stdout
     assert {stage: (make_run / stage / MANIFEST).read_text() for stage in stages} == before
