@@ -4,7 +4,10 @@
 #   make prefs      sample K replies per prompt, a labeller ranks them
 #   make rm         stage 2: reward model on the preferences    (PREFS= for your own preference file)
 #   make ppo        stage 3: PPO against the reward model       (PROMPTS= for your own prompt file)
-#   make eval       base vs SFT vs PPO on held-out prompts: $(RUN)/eval/report.md (CHECKPOINTS=, EVAL_PROMPTS=)
+#   make dpo        stage 3 another way: DPO on the preferences, no reward model (PREFS= as for rm)
+#   make rloo       stage 3 another way: RLOO, PPO's rewards without a critic     (PROMPTS= as for ppo)
+#   make eval       base vs SFT vs PPO (and DPO, RLOO when built) on held-out prompts: $(RUN)/eval/report.md
+#   make methods    ppo, dpo and rloo from one SFT model and one set of preferences, then eval side by side
 #   make rounds     iterated RLHF: ROUNDS=N rounds of prefs -> rm -> ppo from the latest policy, one report
 #   make score      score DATA=replies.jsonl (or pairs) with the reward model (REWARD_MODEL= another)
 #   make prefs-export / prefs-import   human labelling: ANNOTATE=file.csv|.jsonl out to annotators and back
@@ -45,20 +48,22 @@ RM_DATA := $(or $(PREFS),$(RUN)/prefs/ranked.jsonl)
 REWARD_MODEL ?= $(RUN)/rm
 ANNOTATE ?= $(RUN)/to_rank.csv
 # Evaluation: name=path pairs, the SFT checkpoint named `sft` is the reference (ARGS="--reference NAME").
+# The other methods' policies join when the run has them (expanded when the recipe runs, after they are built).
 CHECKPOINTS ?=
 comma := ,
-EVAL_CHECKPOINTS := $(or $(CHECKPOINTS),base=$(SFT_MODEL)$(comma)sft=$(RUN)/sft$(comma)ppo=$(RUN)/ppo)
+OTHER_METHODS = $(foreach m,dpo rloo,$(if $(wildcard $(RUN)/$(m)/pipeline.json),$(comma)$(m)=$(RUN)/$(m)))
+EVAL_CHECKPOINTS = $(or $(CHECKPOINTS),base=$(SFT_MODEL)$(comma)sft=$(RUN)/sft$(comma)ppo=$(RUN)/ppo$(OTHER_METHODS))
 EVAL_PROMPTS ?= $(RUN)/data/prompts_eval.jsonl
 
 # ARGS reach only the stage the user named: `make rm ARGS="--learning_rate 1e-5"` must not retrain SFT.
 args_for = $(if $(filter $(1),$(MAKECMDGOALS)),$(ARGS))
 
-.PHONY: all setup base data sft prefs rm ppo eval rounds bench bench-peft score prefs-export prefs-import test lint clean help
+.PHONY: all setup base data sft prefs rm ppo dpo rloo methods eval rounds bench bench-peft score prefs-export prefs-import test lint clean help
 
 all: eval
 
 help:
-	@sed -n '1,19p' Makefile
+	@sed -n '1,22p' Makefile
 
 setup: $(SETUP_STAMP)
 
@@ -93,6 +98,16 @@ rm: sft $(if $(PREFS),,prefs)
 ppo: rm
 	$(TRAIN) ppo --config $(CONFIG) --policy $(RUN)/sft --reward_model $(REWARD_MODEL) --prompts $(PPO_PROMPTS) \
 		--output_dir $(RUN)/ppo $(call args_for,ppo)
+
+dpo: sft $(if $(PREFS),,prefs)
+	$(TRAIN) dpo --config $(CONFIG) --model $(RUN)/sft --data $(RM_DATA) --output_dir $(RUN)/dpo $(call args_for,dpo)
+
+rloo: rm
+	$(TRAIN) rloo --config $(CONFIG) --policy $(RUN)/sft --reward_model $(REWARD_MODEL) --prompts $(PPO_PROMPTS) \
+		--output_dir $(RUN)/rloo $(call args_for,rloo)
+
+# Prerequisites run left to right: eval comes last and finds all three policies.
+methods: dpo rloo eval
 
 # With CHECKPOINTS= the user's own checkpoints are evaluated and nothing is trained; the reward model and the
 # SFT eval set are used when they exist (recipes expand after prerequisites ran, so a fresh run finds them).

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.checkpoint import RESUME
+from common.checkpoint import RESUME, describe_input
 from common.errors import PipelineError
 
 if TYPE_CHECKING:
@@ -14,6 +14,9 @@ if TYPE_CHECKING:
 
 PEFT_METHODS = ("none", "lora", "adalora", "ia3", "prefix", "p_tuning", "prompt")
 PROMPT_LEARNING = ("prefix", "p_tuning", "prompt")
+# Why a policy that DPO or RLOO trains cannot be a prompt-learning adapter.
+POLICY_REFUSED = dict.fromkeys(PROMPT_LEARNING, "the policy must be one that PPO, DPO, RLOO and iterated rounds can "
+                               "continue from, and they take plain weights (or a mergeable adapter)")
 
 
 @dataclass
@@ -55,8 +58,47 @@ def precision_option() -> Any:
 
 
 @dataclass
+class PreferenceDataOptions:
+    """The preference data of the stages that learn from comparisons (the reward model, DPO): the same files,
+    pairs and held-out prompts for both, so their held-out accuracies compare."""
+
+    data: str = field(default="runs/default/prefs/ranked.jsonl", metadata={"help": "preference data: a file, or "
+                                                                                      "several comma-separated"})
+    eval_data: str = field(default="", metadata={"help": "held-out pairs; empty: hold out eval_fraction of prompts"})
+    columns: str = field(default="", metadata={"help": "column mapping, e.g. chosen=good,rejected=bad"})
+    min_margin: float = field(default=0.0, metadata={"help": "drop scored pairs whose scores differ by no more"})
+    eval_fraction: float = field(default=0.1, metadata={"help": "share of prompts held out when no eval_data"})
+    max_train_pairs: int = field(default=0, metadata={"help": "train on at most this many pairs (0: all)"})
+    max_eval_pairs: int = field(default=500, metadata={"help": "evaluate on at most this many pairs (0: all)"})
+
+    def data_inputs(self) -> dict[str, Any]:
+        """What the output depends on in the data: each file's contents."""
+        return {key: [describe_input(source) for source in data_files(text)] if "," in text else describe_input(text)
+                for key, text in (("data", self.data), ("eval_data", self.eval_data)) if text}
+
+
+def data_files(text: str) -> list[str]:
+    """A data option's files: one path, or several comma-separated (iterated rounds train on every round's)."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+@dataclass
+class RewardOptions:
+    """How the online stages (PPO, RLOO) score a sampled reply: the same sources, weights and shaping for both."""
+
+    reward_model: str = field(default="runs/default/rm", metadata={"help": "reward model checkpoint"})
+    reward_model_weight: float = field(default=1.0, metadata={"help": "weight of the reward model's score"})
+    extra_rewards: str = field(default="", metadata={"help": "more reward sources, 'spec=weight,...': a spec is an "
+                                                              "RM folder or module:function; each is logged"})
+    normalize_reward: bool = field(default=True, metadata={"help": "whiten RM scores with the mean/std the RM "
+                                                                   "stage stored in its pipeline.json"})
+    reward_clip: float = field(default=5.0, metadata={"help": "clip the summed score to [-c, c]; 0: off"})
+    missing_eos_penalty: float = field(default=1.0, metadata={"help": "subtracted from the score of a reply cut "
+                                                                      "off at max_new_tokens (no EOS)"})
+
+
+@dataclass
 class TrainerOptions(AdapterOptions):
-    max_length: int = field(default=256, metadata={"help": "tokens per example"})
     learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate"})
     num_train_epochs: float = field(default=1.0, metadata={"help": "epochs (max_steps wins when > 0)"})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps; -1: from num_train_epochs"})
@@ -80,7 +122,6 @@ class TrainerOptions(AdapterOptions):
         """`compute` is this process's device and resolved precision: fp32 weights, autocast in bf16/fp16."""
         return dict(
             output_dir=str(staging / RESUME),
-            max_length=self.max_length,
             learning_rate=self.learning_rate,
             num_train_epochs=self.num_train_epochs,
             max_steps=self.max_steps,

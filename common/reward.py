@@ -22,10 +22,15 @@ def prompt_input_ids(tokenizer: PreTrainedTokenizerBase, prompt: list[Message]) 
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def reply_input_ids(tokenizer: PreTrainedTokenizerBase, reply: str, finished: bool = True) -> list[int]:
+    """A reply's tokens as the policy sampled them: EOS at the end only if it ended there."""
+    ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
+    return ids + [tokenizer.eos_token_id] if finished else ids
+
+
 def reward_input_ids(tokenizer: PreTrainedTokenizerBase, prompt: list[Message], reply: str,
                      finished: bool = True) -> list[int]:
-    ids = prompt_input_ids(tokenizer, prompt) + tokenizer(reply, add_special_tokens=False)["input_ids"]
-    return ids + [tokenizer.eos_token_id] if finished else ids
+    return prompt_input_ids(tokenizer, prompt) + reply_input_ids(tokenizer, reply, finished)
 
 
 class RewardScorer:

@@ -12,12 +12,15 @@ Optional: `finished` (ranked rows, one bool per response) or `chosen_finished`/`
 mark a reply cut off at the length limit (False); the reward model then sees it without an end-of-turn token.
 """
 
+import hashlib
 import math
+import random
 from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
 
 from common.errors import PipelineError
+from common.options import PreferenceDataOptions, data_files
 from data.chat import Message, RowError, as_messages, parse_hh_transcript
 from data.tables import Table, raise_first_problem, read_table
 
@@ -203,3 +206,39 @@ def check_prompt_lengths(pairs: list[PreferencePair], tokenizer, max_prompt_leng
         shown = ", ".join(dict.fromkeys(too_long[:3]))
         raise PipelineError(f"{len(too_long)} pair(s) have a prompt longer than {max_prompt_length} tokens "
                             f"(first: {shown}); raise max_prompt_length or shorten those prompts")
+
+
+def prompt_key(pair: PreferencePair) -> str:
+    return "\n".join(f"{m['role']}:{m['content']}" for m in pair.prompt)
+
+
+def split_preferences(options: PreferenceDataOptions, columns: dict[str, str],
+                      seed: int) -> tuple[list[PreferencePair], dict[str, list[PreferencePair]]]:
+    """Training pairs (shuffled), and the held-out pairs of each data file (at most max_eval_pairs from each).
+    The split depends only on the prompts and the seed: the reward model and DPO hold out the same prompts."""
+    pairs = {source: load_preference_pairs(source, columns, options.min_margin) for source in data_files(options.data)}
+    if options.eval_data:
+        train = [pair for source_pairs in pairs.values() for pair in source_pairs]
+        evaluation = {source: load_preference_pairs(source, columns, options.min_margin)
+                      for source in data_files(options.eval_data)}
+    else:
+        # Split by prompt: pairs expanded from one ranking share their prompt and replies, so a pair-level
+        # split would let the model see held-out replies in training and inflate the accuracy.
+        def held_out(pair: PreferencePair) -> bool:
+            digest = hashlib.sha256(f"{seed}:{prompt_key(pair)}".encode()).digest()
+            return int.from_bytes(digest[:8]) / 2**64 < options.eval_fraction
+
+        train = [pair for source_pairs in pairs.values() for pair in source_pairs if not held_out(pair)]
+        evaluation = {source: [pair for pair in source_pairs if held_out(pair)]
+                      for source, source_pairs in pairs.items()}
+        empty = [source for source, held in evaluation.items() if not held]
+        if not train or empty:
+            raise PipelineError(f"{(empty or [options.data])[0]}: too few prompts to hold out "
+                                f"{options.eval_fraction:.0%} of them; add data, change eval_fraction or pass "
+                                "eval_data")
+    random.Random(seed).shuffle(train)
+    if options.max_train_pairs:
+        train = train[: options.max_train_pairs]
+    if options.max_eval_pairs:
+        evaluation = {source: held[: options.max_eval_pairs] for source, held in evaluation.items()}
+    return train, evaluation

@@ -176,6 +176,14 @@ def same_vocabulary(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> b
     return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
 
 
+def training_cost(path: str) -> dict:
+    """The stage that trained a checkpoint and its wall time, and that of the reward model it learnt against."""
+    manifest = read_manifest(path) or {}
+    reward_model = manifest.get("inputs", {}).get("reward_model", {}).get("path")
+    return {"stage": manifest.get("stage"), "seconds": manifest.get("seconds"),
+            "reward_model_seconds": (read_manifest(reward_model) or {}).get("seconds") if reward_model else None}
+
+
 def summarise(results: dict[str, dict], reference: str, config: EvalConfig) -> dict[str, dict]:
     """Means with 95% bootstrap intervals, win rates against the reference, and the protocol's other numbers."""
     def with_interval(values: list[float]) -> dict:
@@ -187,7 +195,7 @@ def summarise(results: dict[str, dict], reference: str, config: EvalConfig) -> d
                "length": statistics.fmean(result["lengths"]),
                "eos_rate": statistics.fmean(result["finished"]),
                "distinct_1": distinct_n(result["replies"], 1), "distinct_2": distinct_n(result["replies"], 2),
-               "perplexity": result["perplexity"]}
+               "perplexity": result["perplexity"], "training": training_cost(result["path"])}
         row["kl"] = with_interval(result["kl"]) if result["kl"] is not None else None
         row["rm"] = with_interval(result["rm"]) if result["rm"] is not None else None
         if name != reference:

@@ -89,6 +89,7 @@ def markdown(report: dict, results: dict[str, dict], prompts: list[str], num_sam
         "set (lower is better; a rise is the alignment tax).",
         "",
     ]
+    lines += methods_markdown(report)
     if "rounds" in report:
         lines += rounds_markdown(report, rounds_plot)
     if report["stage_seconds"]:
@@ -110,6 +111,37 @@ def markdown(report: dict, results: dict[str, dict], prompts: list[str], num_sam
         replies = [f"{cell(results[n]['replies'][i])} ({results[n]['gold'][i]:+.2f})" for n in names]
         lines.append(f"| {cell(prompt)} | " + " | ".join(replies) + " |")
     return "\n".join(lines) + "\n"
+
+
+METHODS = {"ppo": "PPO", "dpo": "DPO", "rloo": "RLOO"}
+
+
+def minutes(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds / 60:.1f} min"
+
+
+def methods_markdown(report: dict) -> list[str]:
+    """The report's "Which method" section: the policies trained by different methods side by side (when there
+    are at least two), best judge win rate first."""
+    reference, checkpoints = report["reference"], report["checkpoints"]
+    rows = {name: row for name, row in checkpoints.items()
+            if name != reference and row.get("training", {}).get("stage") in METHODS}
+    if len(rows) < 2:
+        return []
+    lines = ["## Which method", "",
+             f"Each policy below started from the same model and learnt from the same comparisons: DPO from the pairs "
+             f"themselves, PPO and RLOO from the reward model trained on them (whose training time is the last "
+             f"column). Judge win rates are against {reference}, on the same prompts and sampling as above.", "",
+             f"| policy | method | judge win rate vs {reference} | KL from {reference} (nats) | RM score | length "
+             "(tokens) | distinct-2 | training time | + reward model |", "|---|---|---|---|---|---|---|---|---|"]
+    ranked = sorted(rows, key=lambda name: -rows[name]["win_gold"]["mean"])
+    for name in ranked:
+        row, training = rows[name], rows[name]["training"]
+        lines.append(f"| {name} | {METHODS[training['stage']]} | {interval(row['win_gold'])} | {kl_cell(row['kl'])} "
+                     f"| {interval(row['rm'])} | {row['length']:.1f} | {row['distinct_2']:.3f} | "
+                     f"{minutes(training['seconds'])} | "
+                     f"{'-' if training['stage'] == 'dpo' else minutes(training['reward_model_seconds'])} |")
+    return lines + [""]
 
 
 def rounds_markdown(report: dict, plot: str | None) -> list[str]:

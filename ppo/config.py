@@ -6,7 +6,7 @@ from typing import Any
 
 from common.checkpoint import describe_input, describe_parent
 from common.errors import PipelineError
-from common.options import PROMPT_LEARNING, AdapterOptions, check_peft_method, precision_option
+from common.options import PROMPT_LEARNING, AdapterOptions, RewardOptions, check_peft_method, precision_option
 
 # Why PPO takes no prompt-learning adapter (its reference could be the policy with the adapter off, but):
 PPO_REFUSED = dict.fromkeys(PROMPT_LEARNING, "it puts virtual tokens in front of every sequence, and PPO's forwards "
@@ -14,29 +14,19 @@ PPO_REFUSED = dict.fromkeys(PROMPT_LEARNING, "it puts virtual tokens in front of
 
 
 @dataclass
-class PPOStageConfig(AdapterOptions):
+class PPOStageConfig(AdapterOptions, RewardOptions):
     """peft_method (from AdapterOptions) is the policy's adapter; with one, the reference is the policy with its
-    adapter disabled (one copy of the weights)."""
+    adapter disabled (one copy of the weights). The reward options (RewardOptions) are shared with RLOO."""
 
     # --- what goes in
     policy: str = field(default="runs/default/sft", metadata={"help": "initial policy: the SFT checkpoint (or an "
                                                                   "earlier round's PPO policy)"})
     reference: str = field(default="", metadata={"help": "KL reference; empty: the initial policy. Iterated rounds "
                                                          "keep it at the SFT model"})
-    reward_model: str = field(default="runs/default/rm", metadata={"help": "reward model checkpoint"})
     critic: str = field(default="", metadata={"help": "initial critic (a one-logit classifier); empty: the RM"})
     prompts: str = field(default="runs/default/data/prompts_ppo.jsonl", metadata={"help": "training prompt file"})
     prompt_column: str = field(default="prompt", metadata={"help": "column of the prompt file that holds prompts"})
     output_dir: str = field(default="runs/default/ppo", metadata={"help": "where the checkpoint is written"})
-    # --- reward
-    reward_model_weight: float = field(default=1.0, metadata={"help": "weight of the reward model's score"})
-    extra_rewards: str = field(default="", metadata={"help": "more reward sources, 'spec=weight,...': a spec is an "
-                                                              "RM folder or module:function; each is logged"})
-    normalize_reward: bool = field(default=True, metadata={"help": "whiten RM scores with the mean/std the RM "
-                                                                   "stage stored in its pipeline.json"})
-    reward_clip: float = field(default=5.0, metadata={"help": "clip the summed score to [-c, c]; 0: off"})
-    missing_eos_penalty: float = field(default=1.0, metadata={"help": "subtracted from the score of a reply cut "
-                                                                      "off at max_new_tokens (no EOS)"})
     judge: str = field(default="data.judges:gold_judge", metadata={"help": "judge logged in periodic evaluation "
                                                                             "(not a reward); empty: none"})
     # --- rollout

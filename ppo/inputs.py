@@ -11,20 +11,27 @@ from data.prompts import load_prompts
 from ppo.config import PPOStageConfig
 
 
+def tokenized_prompts(source: str, column: str, tokenizer: PreTrainedTokenizerBase,
+                      max_prompt_length: int) -> tuple[list[str], list[list[int]]]:
+    """A prompt file's prompts and their ids through the chat template, with one error for every prompt over
+    max_prompt_length (PPO and RLOO read their prompts alike)."""
+    prompts = load_prompts(source, column)
+    ids = [prompt_input_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    too_long = [row for row, prompt in enumerate(ids, start=1) if len(prompt) > max_prompt_length]
+    if too_long:
+        raise PipelineError(f"{source}: {len(too_long)} prompt(s) longer than max_prompt_length "
+                            f"{max_prompt_length} tokens with the chat template (rows "
+                            f"{', '.join(map(str, too_long[:5]))}{' ...' if len(too_long) > 5 else ''}); "
+                            "shorten them or raise max_prompt_length")
+    return prompts, ids
+
+
 def load_prompt_split(config: PPOStageConfig, tokenizer) -> tuple[list[str], list[list[int]], list[str], list]:
-    """Training prompts and the held-out evaluation prompts (the file's last num_eval_prompts), tokenized
-    through the chat template, with one error for every prompt over max_prompt_length."""
-    prompts = load_prompts(config.prompts, config.prompt_column)
+    """Training prompts and the held-out evaluation prompts (the file's last num_eval_prompts), tokenized."""
+    prompts, ids = tokenized_prompts(config.prompts, config.prompt_column, tokenizer, config.max_prompt_length)
     if len(prompts) <= config.num_eval_prompts:
         raise PipelineError(f"{config.prompts}: {len(prompts)} prompts, but {config.num_eval_prompts} are held out for "
                             "evaluation and the rest train; add prompts or lower num_eval_prompts")
-    ids = [prompt_input_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
-    too_long = [row for row, prompt in enumerate(ids, start=1) if len(prompt) > config.max_prompt_length]
-    if too_long:
-        raise PipelineError(f"{config.prompts}: {len(too_long)} prompt(s) longer than max_prompt_length "
-                            f"{config.max_prompt_length} tokens with the chat template (rows "
-                            f"{', '.join(map(str, too_long[:5]))}{' ...' if len(too_long) > 5 else ''}); "
-                            "shorten them or raise max_prompt_length")
     split = len(prompts) - config.num_eval_prompts
     return prompts[:split], ids[:split], prompts[split:], ids[split:]
 

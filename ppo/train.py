@@ -331,7 +331,7 @@ def prepare(config: PPOStageConfig, state: PartialState, output: StagedOutput, p
     if len(prompts[0]) < config.rollout_batch_size:
         raise PipelineError(f"{config.prompts}: {len(prompts[0])} training prompts, fewer than one rollout batch "
                             f"({config.rollout_batch_size}); add prompts or lower rollout_batch_size")
-    sources = load_reward_sources(config, tokenizer, compute)
+    sources = load_reward_sources(config, config.policy, tokenizer, compute)
     judge = load_judge(config.judge, compute) if config.judge else None
     ptx = ptx_batches(config, tokenizer, config.seed + accelerator.process_index) if config.ptx_coef else None
     if ptx is not None:

@@ -4,22 +4,15 @@ enough to find the output up to date before the training libraries load."""
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.checkpoint import describe_input, describe_parent
-from common.options import TrainerOptions
+from common.checkpoint import describe_parent
+from common.options import PreferenceDataOptions, TrainerOptions
 
 
 @dataclass
-class RewardStageConfig(TrainerOptions):
+class RewardStageConfig(TrainerOptions, PreferenceDataOptions):
     model: str = field(default="runs/default/sft", metadata={"help": "initial model: the SFT checkpoint"})
-    data: str = field(default="runs/default/prefs/ranked.jsonl", metadata={"help": "preference data: a file, or "
-                                                                                      "several comma-separated"})
-    eval_data: str = field(default="", metadata={"help": "held-out pairs; empty: hold out eval_fraction of prompts"})
     output_dir: str = field(default="runs/default/rm", metadata={"help": "where the checkpoint is written"})
-    columns: str = field(default="", metadata={"help": "column mapping, e.g. chosen=good,rejected=bad"})
-    min_margin: float = field(default=0.0, metadata={"help": "drop scored pairs whose scores differ by no more"})
-    eval_fraction: float = field(default=0.1, metadata={"help": "share of prompts held out when no eval_data"})
-    max_train_pairs: int = field(default=0, metadata={"help": "train on at most this many pairs (0: all)"})
-    max_eval_pairs: int = field(default=500, metadata={"help": "evaluate on at most this many pairs (0: all)"})
+    max_length: int = field(default=256, metadata={"help": "tokens of prompt and reply; longer pairs are dropped"})
     learning_rate: float = field(default=1e-5, metadata={"help": "peak learning rate"})
     per_device_train_batch_size: int = field(default=2, metadata={"help": "prompts (each with all its compared "
                                                                          "replies) per device per step"})
@@ -36,12 +29,5 @@ class RewardStageConfig(TrainerOptions):
                                                                 "mean/std that PPO normalises with"})
 
 
-def files(text: str) -> list[str]:
-    """A data option's files: one path, or several comma-separated (iterated rounds train on every round's)."""
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
 def stage_inputs(config: RewardStageConfig) -> dict[str, Any]:
-    return {"model": describe_parent(config.model),
-            **{key: [describe_input(source) for source in files(text)] if "," in text else describe_input(text)
-               for key, text in (("data", config.data), ("eval_data", config.eval_data)) if text}}
+    return {"model": describe_parent(config.model), **config.data_inputs()}

@@ -18,7 +18,6 @@ Writes `output_dir` per the checkpoint contract; a rerun with unchanged inputs d
 a kill resumes from the last trainer checkpoint.
 """
 
-import hashlib
 import os
 import random
 import statistics
@@ -38,48 +37,14 @@ from common.options import PROMPT_LEARNING
 from common.precision import Compute
 from common.reward import RewardScorer
 from common.training import StopOnNonFinite, open_for_training, save_trained_model
-from data.preferences import PreferencePair, check_prompt_lengths, load_preference_pairs
-from reward_model.config import RewardStageConfig, files, stage_inputs
+from data.preferences import PreferencePair, check_prompt_lengths, prompt_key, split_preferences
+from reward_model.config import RewardStageConfig, stage_inputs
 from reward_model.grouped import GroupCollator, GroupedRewardTrainer, tokenize_groups
 
 # Why a reward model cannot be a prompt-learning adapter.
 PROMPT_LEARNING_REFUSED = dict.fromkeys(
     PROMPT_LEARNING, "its adapter cannot be merged, and every reader of a reward model (PPO's reward and critic, "
     "prefs, eval, score) takes a plain sequence classifier")
-
-
-def prompt_key(pair: PreferencePair) -> str:
-    return "\n".join(f"{m['role']}:{m['content']}" for m in pair.prompt)
-
-
-def load_splits(config: RewardStageConfig) -> tuple[list[PreferencePair], dict[str, list[PreferencePair]]]:
-    """Training pairs, and the held-out pairs of each data file (at most max_eval_pairs from each)."""
-    columns = parse_mapping(config.columns, "columns")
-    pairs = {source: load_preference_pairs(source, columns, config.min_margin) for source in files(config.data)}
-    if config.eval_data:
-        train = [pair for source_pairs in pairs.values() for pair in source_pairs]
-        evaluation = {source: load_preference_pairs(source, columns, config.min_margin)
-                      for source in files(config.eval_data)}
-    else:
-        # Split by prompt: pairs expanded from one ranking share their prompt and replies, so a pair-level
-        # split would let the model see held-out replies in training and inflate the accuracy.
-        def held_out(pair: PreferencePair) -> bool:
-            digest = hashlib.sha256(f"{config.seed}:{prompt_key(pair)}".encode()).digest()
-            return int.from_bytes(digest[:8]) / 2**64 < config.eval_fraction
-
-        train = [pair for source_pairs in pairs.values() for pair in source_pairs if not held_out(pair)]
-        evaluation = {source: [pair for pair in source_pairs if held_out(pair)]
-                      for source, source_pairs in pairs.items()}
-        empty = [source for source, held in evaluation.items() if not held]
-        if not train or empty:
-            raise PipelineError(f"{(empty or [config.data])[0]}: too few prompts to hold out "
-                                f"{config.eval_fraction:.0%} of them; add data, change eval_fraction or pass eval_data")
-    random.Random(config.seed).shuffle(train)
-    if config.max_train_pairs:
-        train = train[: config.max_train_pairs]
-    if config.max_eval_pairs:
-        evaluation = {source: held[: config.max_eval_pairs] for source, held in evaluation.items()}
-    return train, evaluation
 
 
 def score_pairs(scorer: RewardScorer, pairs: list[PreferencePair], what: str) -> tuple[list[float], list[float]]:
@@ -125,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     if config.uses_adapter() and config.trainable_layers:
         raise PipelineError("peft_method and trainable_layers are two ways to train fewer weights; choose one")
     compute = Compute.choose(config.precision)
-    train, evaluation_by_file = load_splits(config)
+    train, evaluation_by_file = split_preferences(config, parse_mapping(config.columns, "columns"), config.seed)
     evaluation = [pair for held in evaluation_by_file.values() for pair in held]
     tokenizer = load_tokenizer(config.model)
     check_prompt_lengths(train + evaluation, tokenizer, config.max_length - 1)
@@ -147,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
         use_margin=config.use_margin,
         data_collator=GroupCollator(tokenizer.pad_token_id),
         # Dropout off: the same score for the same input in training and when PPO reads it.
-        args=RewardConfig(disable_dropout=True, center_rewards_coefficient=config.center_rewards_coefficient or None,
+        args=RewardConfig(disable_dropout=True, max_length=config.max_length,
+                          center_rewards_coefficient=config.center_rewards_coefficient or None,
                           **config.trainer_kwargs(staging, compute)),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,

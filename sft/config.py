@@ -15,6 +15,7 @@ class SFTStageConfig(TrainerOptions):
     eval_data: str = field(default="", metadata={"help": "eval data; empty: hold out eval_fraction of data"})
     output_dir: str = field(default="runs/default/sft", metadata={"help": "where the checkpoint is written"})
     columns: str = field(default="", metadata={"help": "column mapping, e.g. messages=conversations"})
+    max_length: int = field(default=256, metadata={"help": "tokens per example (longer ones are truncated)"})
     eval_fraction: float = field(default=0.05, metadata={"help": "share of data held out when no eval_data"})
     max_train_examples: int = field(default=0, metadata={"help": "use at most this many (0: all)"})
     max_eval_examples: int = field(default=200, metadata={"help": "evaluate on at most this many (0: all)"})

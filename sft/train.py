@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> None:
         # The base model's eval loss is measured inside train() (step 0), where DDP and DeepSpeed have
         # prepared the model: evaluate() before train() stops DDP from wrapping it (each process then
         # trains its own copy) and DeepSpeed ZeRO-2 refuses it. A resumed run already has that number.
-        args=SFTConfig(assistant_only_loss=True, dataset_num_proc=None, eval_on_start=resume is None,
-                       **config.trainer_kwargs(staging, compute)),
+        args=SFTConfig(assistant_only_loss=True, max_length=config.max_length, dataset_num_proc=None,
+                       eval_on_start=resume is None, **config.trainer_kwargs(staging, compute)),
         train_dataset=Dataset.from_dict({"messages": train}),
         eval_dataset=Dataset.from_dict({"messages": evaluation}),
         processing_class=tokenizer,

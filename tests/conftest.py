@@ -96,3 +96,29 @@ def make_run(tmp_path_factory) -> Path:
                             text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run
+
+
+# A learnable preference: a tiny SFT model that answers "I love it." or "I hate it." about equally often, and a
+# reward of 1 for "love" (tests put this module on sys.path as `synthetic_reward`). PPO, RLOO and DPO should all
+# shift the policy towards "love" within a few steps.
+LOVE_WORDS = ["apple", "river", "stone", "cloud", "tiger", "music", "paper", "green"]
+REWARD_MODULE = '''
+def love(prompts, replies, finished):
+    return [1.0 if "love" in reply else 0.0 for reply in replies]
+'''
+
+
+@pytest.fixture(scope="session")
+def love_or_hate(tiny_base, tmp_path_factory) -> tuple[Path, Path]:
+    """The love-or-hate SFT model and its prompt file."""
+    from sft.train import main as sft_main
+
+    tmp = tmp_path_factory.mktemp("love")
+    rows = [{"messages": [{"role": "user", "content": f"what about {LOVE_WORDS[i % 8]}?"},
+                          {"role": "assistant", "content": "I love it." if i % 2 else "I hate it."}]}
+            for i in range(64)]
+    sft, data = tmp / "sft", write_jsonl(tmp / "sft.jsonl", rows)
+    sft_main(["--config", str(TINY), "--model", str(tiny_base), "--data", str(data), "--output_dir", str(sft),
+              "--max_steps", "60", "--eval_fraction", "0.1"])
+    prompts = write_jsonl(tmp / "prompts.jsonl", [{"prompt": f"what about {w}?"} for w in LOVE_WORDS * 4])
+    return sft, prompts

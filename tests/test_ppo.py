@@ -14,14 +14,7 @@ from ppo.core import generalized_advantages, kl_estimate, masked_whiten, token_l
 from ppo.models import PolicyAndCritic, build_models
 from ppo.rollout import sample_replies, score_rollout
 from ppo.train import main
-from tests.conftest import CPU, TINY, kill_when, one_error_line, run_in_process, run_module, write_jsonl
-
-# A learnable synthetic task: an SFT model that answers "I love it." or "I hate it." about equally often,
-# and a reward of 1 for "love". PPO should shift the policy towards "love" within a few updates.
-REWARD_MODULE = '''
-def love(prompts, replies, finished):
-    return [1.0 if "love" in reply else 0.0 for reply in replies]
-'''
+from tests.conftest import CPU, REWARD_MODULE, TINY, kill_when, one_error_line, run_in_process, run_module, write_jsonl
 
 
 def ppo_args(run, output, *extra: str) -> list[str]:
@@ -151,17 +144,8 @@ def test_make_ppo_writes_the_checkpoint_contract(make_run):
     assert json.loads((ppo / "value" / "pipeline.json").read_text())["stage"] == "ppo-critic"
 
 
-def test_reward_rises_on_a_learnable_synthetic_reward(make_run, tiny_base, tmp_path, monkeypatch):
-    from sft.train import main as sft_main
-
-    words = ["apple", "river", "stone", "cloud", "tiger", "music", "paper", "green"]
-    rows = [{"messages": [{"role": "user", "content": f"what about {words[i % 8]}?"},
-                          {"role": "assistant", "content": "I love it." if i % 2 else "I hate it."}]}
-            for i in range(64)]
-    sft, data = tmp_path / "sft", write_jsonl(tmp_path / "sft.jsonl", rows)
-    sft_main(["--config", str(TINY), "--model", str(tiny_base), "--data", str(data), "--output_dir", str(sft),
-              "--max_steps", "60", "--eval_fraction", "0.1"])
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"what about {w}?"} for w in words * 4])
+def test_reward_rises_on_a_learnable_synthetic_reward(make_run, love_or_hate, tmp_path, monkeypatch):
+    sft, prompts = love_or_hate
     (tmp_path / "synthetic_reward.py").write_text(REWARD_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
     output = tmp_path / "ppo"
