@@ -121,12 +121,12 @@ def minutes(seconds: float | None) -> str:
 
 
 def methods_markdown(report: dict) -> list[str]:
-    """The report's "Which method" section: the policies trained by different methods side by side (when there
-    are at least two), best judge win rate first."""
+    """The report's "Which method" section: the policies trained by different methods side by side (when at
+    least two methods are there; iterated rounds are all PPO), best judge win rate first."""
     reference, checkpoints = report["reference"], report["checkpoints"]
     rows = {name: row for name, row in checkpoints.items()
             if name != reference and row.get("training", {}).get("stage") in METHODS}
-    if len(rows) < 2:
+    if len({row["training"]["stage"] for row in rows.values()}) < 2:
         return []
     lines = ["## Which method", "",
              f"Each policy below started from the same model and learnt from the same comparisons: DPO from the pairs "
