@@ -119,8 +119,10 @@ eval: $(if $(CHECKPOINTS),setup,ppo)
 # Iterated RLHF. Round 1 is the chain above; round r = 2..ROUNDS samples preferences from policy r-1 on
 # prompts no earlier round used, trains RM r on every round's comparisons (warm start from RM r-1;
 # RM_START=sft starts from SFT) and runs PPO from policy r-1 against RM r with the KL reference fixed at SFT
-# (KL_REFERENCE=previous: policy r-1). Round r's folders are $(RUN)/round<r>/{prefs,rm,ppo}; the report,
-# with each round against SFT and against the round before, is $(RUN)/rounds_eval/report.md.
+# (KL_REFERENCE=previous: policy r-1). The config's round_rm: and round_ppo: sections lay their options over
+# rm: and ppo: for these rounds (the default's make a round cheaper than round 1). Round r's folders are
+# $(RUN)/round<r>/{prefs,rm,ppo}; the report, with each round against SFT and against the round before, is
+# $(RUN)/rounds_eval/report.md.
 ROUNDS ?= 2
 ROUND ?= 1
 RM_START ?= previous
@@ -141,12 +143,14 @@ round$(1)-prefs: round$(2) data
 		--prompts $(RUN)/data/prompts_prefs.jsonl --round $(1) --output_dir $(RUN)/round$(1)/prefs
 
 round$(1)-rm: round$(1)-prefs
-	$(TRAIN) reward_model --config $(CONFIG) --model $(if $(filter sft,$(RM_START)),$(RUN)/sft,$(call round_rm,$(2))) \
+	$(TRAIN) reward_model --config $(CONFIG) --overlay round_rm \
+		--model $(if $(filter sft,$(RM_START)),$(RUN)/sft,$(call round_rm,$(2))) \
 		--data "$(call joined,$(foreach r,$(call up_to,$(1)),$(call round_prefs,$(r))))" \
 		--output_dir $(RUN)/round$(1)/rm
 
 round$(1): round$(1)-rm
-	$(TRAIN) ppo --config $(CONFIG) --policy $(call round_policy,$(2)) --reward_model $(RUN)/round$(1)/rm \
+	$(TRAIN) ppo --config $(CONFIG) --overlay round_ppo \
+		--policy $(call round_policy,$(2)) --reward_model $(RUN)/round$(1)/rm \
 		--reference $(if $(filter sft,$(KL_REFERENCE)),$(RUN)/sft,$(call round_policy,$(2))) \
 		--prompts $(PPO_PROMPTS) --output_dir $(RUN)/round$(1)/ppo
 endef

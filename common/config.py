@@ -1,7 +1,9 @@
 """Stage configs: a dataclass per stage, a section of a YAML file (`--config`), then command-line overrides.
 
 Every stage reads the same YAML file; each takes its own section (`sft:`, `base:`, ...), so one file
-describes a whole run. Precedence: dataclass defaults < YAML section < command line.
+describes a whole run. `--overlay NAME` lays a second section of the file over the stage's own: `make rounds`
+trains rounds 2..N with `round_rm:` / `round_ppo:` on top of `rm:` / `ppo:`.
+Precedence: dataclass defaults < YAML section < overlay section < command line.
 """
 
 import dataclasses
@@ -43,19 +45,23 @@ def parse_config(config_type: type[T], section: str, argv: list[str] | None = No
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(config_type)
     parser.add_argument("--config", default=None, help="YAML file; this stage reads its section of it")
+    parser.add_argument("--overlay", default=None, help="a further section of --config whose options replace "
+                                                        "this stage's (make rounds: round_rm, round_ppo)")
     known, _ = parser.parse_known_args(argv)
-    if known.config:
-        values = read_yaml_section(known.config, section)
-        fields = {f.name for f in dataclasses.fields(config_type)}
+    if known.overlay and not known.config:
+        raise PipelineError(f"--overlay {known.overlay} names a section of a config file: pass --config too")
+    fields = {f.name for f in dataclasses.fields(config_type)}
+    for name in [section, known.overlay] if known.config else []:
+        values = read_yaml_section(known.config, name) if name else {}
         unknown = sorted(set(values) - fields)
         if unknown:
             raise PipelineError(
-                f"{known.config}: unknown option(s) {', '.join(unknown)} in section '{section}'; "
+                f"{known.config}: unknown option(s) {', '.join(unknown)} in section '{name}'; "
                 f"valid options: {', '.join(sorted(fields))}"
             )
         # Mappings in YAML (e.g. a column mapping) travel as JSON strings, like on the command line.
         parser.set_defaults(**{k: json.dumps(v) if isinstance(v, dict) else v for k, v in values.items()})
-    # The extra `--config` option comes back as a Namespace between the dataclass and the leftovers.
+    # The extra options come back as a Namespace between the dataclass and the leftovers.
     config, _namespace, leftover = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     if leftover:
         raise PipelineError(f"unknown command-line argument(s): {' '.join(leftover)}; see --help")

@@ -41,6 +41,11 @@ class AdapterOptions:
         """Whether the saved checkpoint is an adapter on the base model rather than whole weights."""
         return self.peft_method in PROMPT_LEARNING or (self.uses_adapter() and not self.merge)
 
+    def check_one_way_to_train_fewer(self, trainable_layers: int, critic_peft_method: str = "none") -> None:
+        """An adapter and `trainable_layers` both shrink what trains; together their meaning is unclear."""
+        if trainable_layers and (self.uses_adapter() or critic_peft_method != "none"):
+            raise PipelineError("peft_method and trainable_layers are two ways to train fewer weights; choose one")
+
 
 def check_peft_method(method: str, stage: str, refused: dict[str, str]) -> None:
     if method not in PEFT_METHODS:

@@ -53,7 +53,6 @@ def validate(config: DPOStageConfig) -> None:
         raise PipelineError(f"loss_type {config.loss_type!r}: use one or more of {', '.join(LOSS_TYPES)}")
     config.weights()
     check_peft_method(config.peft_method, "dpo", POLICY_REFUSED)
-    if config.uses_adapter() and config.trainable_layers:
-        raise PipelineError("peft_method and trainable_layers are two ways to train fewer weights; choose one")
+    config.check_one_way_to_train_fewer(config.trainable_layers)
     if config.beta <= 0:
         raise PipelineError(f"beta must be above 0, got {config.beta}")

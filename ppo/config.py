@@ -102,5 +102,4 @@ def validate(config: PPOStageConfig) -> None:
     if config.reference and config.uses_adapter():
         raise PipelineError("a separate reference and peft_method cannot be combined: with an adapter the reference "
                             "is the initial policy with its adapter off; pass peft_method none or no reference")
-    if config.trainable_layers and (config.uses_adapter() or config.critic_peft_method != "none"):
-        raise PipelineError("peft_method and trainable_layers are two ways to train fewer weights; choose one")
+    config.check_one_way_to_train_fewer(config.trainable_layers, config.critic_peft_method)

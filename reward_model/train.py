@@ -30,7 +30,6 @@ from common.adapters import AdaLoraBudget, peft_config, planned_steps
 from common.checkpoint import StagedOutput, fingerprint, skip_unchanged
 from common.config import parse_config, parse_mapping
 from common.distributed import start_processes
-from common.errors import PipelineError
 from common.metrics import JsonlMetricsCallback
 from common.modeling import freeze_lower_blocks, load_reward_model, load_tokenizer
 from common.options import PROMPT_LEARNING
@@ -87,8 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     # Validate everything before any work or any output.
-    if config.uses_adapter() and config.trainable_layers:
-        raise PipelineError("peft_method and trainable_layers are two ways to train fewer weights; choose one")
+    config.check_one_way_to_train_fewer(config.trainable_layers)
     compute = Compute.choose(config.precision)
     train, evaluation_by_file = split_preferences(config, parse_mapping(config.columns, "columns"), config.seed)
     evaluation = [pair for held in evaluation_by_file.values() for pair in held]

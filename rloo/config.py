@@ -42,8 +42,7 @@ def stage_inputs(config: RLOOStageConfig) -> dict[str, Any]:
 
 def validate(config: RLOOStageConfig) -> None:
     check_peft_method(config.peft_method, "rloo", POLICY_REFUSED)
-    if config.uses_adapter() and config.trainable_layers:
-        raise PipelineError("peft_method and trainable_layers are two ways to train fewer weights; choose one")
+    config.check_one_way_to_train_fewer(config.trainable_layers)
     if config.num_generations < 2:
         raise PipelineError(f"num_generations must be at least 2 (a reply's baseline is the others' mean reward), "
                             f"got {config.num_generations}")

@@ -22,6 +22,20 @@ def test_yaml_section_then_command_line_override(tmp_path):
     assert parse_mapping(parsed.columns, "columns") == {"messages": "conv"}
 
 
+def test_overlay_section_replaces_the_stage_section_and_the_command_line_wins(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("stage:\n  rate: 0.5\n  steps: 7\nround_stage:\n  steps: 2\n  name: r\n")
+    parsed = parse_config(Example, "stage", ["--config", str(config), "--overlay", "round_stage", "--name", "cli"])
+    assert (parsed.rate, parsed.steps, parsed.name) == (0.5, 2, "cli")
+    # A config without the overlay section runs on the stage's own section.
+    assert parse_config(Example, "stage", ["--config", str(config), "--overlay", "absent"]).steps == 7
+    config.write_text("stage:\n  rate: 0.5\nround_stage:\n  stpes: 2\n")
+    with pytest.raises(PipelineError, match=r"unknown option\(s\) stpes in section 'round_stage'"):
+        parse_config(Example, "stage", ["--config", str(config), "--overlay", "round_stage"])
+    with pytest.raises(PipelineError, match="pass --config too"):
+        parse_config(Example, "stage", ["--overlay", "round_stage"])
+
+
 def test_unknown_yaml_option_is_named(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("stage:\n  rte: 0.5\n")

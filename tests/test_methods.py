@@ -98,6 +98,8 @@ def test_dpo_refuses_bad_preference_data_in_one_line(tiny_base, tmp_path, capsys
     ("dpo", ["--loss_type", "sigmoid,nonsense"], r"loss_type 'sigmoid,nonsense': use one or more of sigmoid"),
     ("dpo", ["--peft_method", "prefix"], r"dpo: peft_method prefix is not supported here"),
     ("rloo", ["--num_generations", "1"], r"num_generations must be at least 2"),
+    ("rloo", ["--peft_method", "lora", "--trainable_layers", "1"], r"two ways to train fewer weights; choose one"),
+    ("ppo", ["--critic_peft_method", "lora", "--trainable_layers", "1"], r"two ways to train fewer weights"),
     ("rloo", ["--per_device_train_batch_size", "6"], r"must be a multiple of num_generations 4"),
 ])
 def test_option_errors_are_one_line(tmp_path, capsys, module, args, pattern):

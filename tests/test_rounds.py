@@ -63,6 +63,8 @@ def test_make_rounds_chains_rounds_on_fresh_prompts_and_resumes_a_killed_round(m
     assert rm["inputs"]["model"]["path"] == str((make_run / "rm").resolve())
     assert [d["path"] for d in rm["inputs"]["data"]] == [str((make_run / "prefs" / "ranked.jsonl").resolve()),
                                                        str((round2 / "prefs" / "ranked.jsonl").resolve())]
+    # The config's round_rm: section lays its options over rm: for rounds 2..N only.
+    assert (manifest(make_run / "rm")["config"]["max_steps"], rm["config"]["max_steps"]) == (16, 8)
     by_file = rm["metrics"]["eval_accuracy_by_file"]  # held-out pairs from each round's comparisons
     assert len(by_file) == 2 and all(0.0 <= accuracy <= 1.0 for accuracy in by_file.values())
     assert ppo["inputs"]["policy"]["path"] == str((make_run / "ppo").resolve())
