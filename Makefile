@@ -13,6 +13,7 @@
 #   make prefs-export / prefs-import   human labelling: ANNOTATE=file.csv|.jsonl out to annotators and back
 #   make bench      benchmarks: SFT/RM tokens/s vs plain trl, PPO vs trl 1.12, peak memory, FLOP/s vs matmul peak
 #   make bench-peft every PEFT method on the embedded default: SFT time and eval loss, RM accuracy (about 70 min)
+#   make bench-overopt  the default PPO for twice its updates: where the gold score peaks while the RM's rises
 #   make test       the test suite (what .ci/run calls)
 # Every target takes CONFIG=configs/<name>.yaml and RUN=runs/<name>; ARGS="--option value" goes to the
 # stage named on the command line only. A stage whose inputs did not change is skipped by the stage
@@ -58,12 +59,12 @@ EVAL_PROMPTS ?= $(RUN)/data/prompts_eval.jsonl
 # ARGS reach only the stage the user named: `make rm ARGS="--learning_rate 1e-5"` must not retrain SFT.
 args_for = $(if $(filter $(1),$(MAKECMDGOALS)),$(ARGS))
 
-.PHONY: all setup base data sft prefs rm ppo dpo rloo methods eval rounds bench bench-peft score prefs-export prefs-import test lint clean help
+.PHONY: all setup base data sft prefs rm ppo dpo rloo methods eval rounds bench bench-peft bench-overopt score prefs-export prefs-import test lint clean help
 
 all: eval
 
 help:
-	@sed -n '1,22p' Makefile
+	@sed -n '1,23p' Makefile
 
 setup: $(SETUP_STAMP)
 
@@ -182,6 +183,9 @@ bench: setup
 
 bench-peft: setup
 	$(PY) bench/peft_methods.py $(call args_for,bench-peft)
+
+bench-overopt: ppo
+	$(PY) bench/over_optimisation.py --run $(RUN) --config $(CONFIG) $(call args_for,bench-overopt)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
