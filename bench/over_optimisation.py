@@ -69,9 +69,13 @@ def main() -> None:
         mark = " (peak)" if row["update"] == found["update"] else ""
         print(f"| {row['update']} | {row['kl']:.2f} | {math.sqrt(max(row['kl'], 0.0)):.2f} | {row['reward']:.3f} "
               f"| {row['judge']:.3f}{mark} |")
-    print(f"\ngold judge peaked at update {found['update']} of {found['last_update']} ({found['judge']:.3f}, KL "
-          f"{found['kl']:.2f}); at the end {found['judge_at_end']:.3f}, while the RM's reward moved "
-          f"{found['reward_gain_after_peak']:+.3f} after the peak")
+    if found["update"] == found["last_update"]:
+        print(f"\ngold judge: no peak yet, highest at the last reading ({found['judge']:.3f}, KL {found['kl']:.2f}); "
+              "a longer run (--num_updates) or a smaller kl_coef would show where it turns")
+    else:
+        print(f"\ngold judge peaked at update {found['update']} of {found['last_update']} ({found['judge']:.3f}, KL "
+              f"{found['kl']:.2f}); at the end {found['judge_at_end']:.3f}, while the RM's reward moved "
+              f"{found['reward_gain_after_peak']:+.3f} after the peak")
     Path(options.output).parent.mkdir(parents=True, exist_ok=True)
     plot_over_optimisation({"ppo": ""}, {"ppo": {"path": str(folder)}}, Path(options.output).with_suffix(".png"))
     settings = {"run": options.run, "config": options.config, "num_updates": options.num_updates}
