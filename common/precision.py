@@ -26,7 +26,8 @@ def compute_device() -> torch.device:
 
 def choose_precision(requested: str, device: torch.device) -> str:
     """`auto` picks bf16 on a GPU that supports it, fp16 on other GPUs and fp32 elsewhere. bf16 may be asked for
-    on a CPU too: torch runs bf16 autocast there (slowly), which is how the tests check the GPU's numerics."""
+    on a CPU too: torch runs bf16 autocast there (fast only where the CPU has AMX or AVX512-BF16), which is how
+    the tests check the GPU's numerics."""
     if requested not in ("auto", *DTYPES):
         raise PipelineError(f"precision must be auto, fp32, bf16 or fp16, got {requested!r}")
     gpu = device.type == "cuda"
