@@ -6,13 +6,16 @@ score peaked; writes bench/over_optimisation.json and bench/over_optimisation.pn
 Usage:
     python bench/over_optimisation.py                        # after make ppo: 32 updates, about 45 min on 2 cores
     python bench/over_optimisation.py --num_updates 48
+    python bench/over_optimisation.py --kl_coef 0.01 --output_dir runs/default/ppo_kl001 \
+        --output bench/over_optimisation_kl001.json                                  # other PPO options
     make bench-overopt ARGS="--run runs/mine --config configs/mine.yaml"
 
 Protocol: the config's ppo section as `make ppo` runs it (the run's SFT policy, RM and PPO prompts, the same
-seed); only num_updates changes. The learning rate decays linearly to 0 over the whole run, so from update 1
-on a longer run takes larger steps than the default does at the same update. Each reading is the config's
-periodic evaluation (num_eval_prompts held-out prompts, every eval_every updates). The run folder resumes
-like any PPO stage: a killed benchmark picks up at its last saved update.
+seed); only num_updates changes, and any further option given here (say --kl_coef) goes to PPO. The learning
+rate decays linearly to 0 over the whole run, so from update 1 on a longer run takes larger steps than the
+default does at the same update. Each reading is the config's periodic evaluation (num_eval_prompts held-out
+prompts, every eval_every updates). The run folder resumes like any PPO stage: a killed benchmark picks up at
+its last saved update.
 """
 
 import argparse
@@ -45,19 +48,19 @@ def peak(rows: list[dict]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--run", default="runs/default", help="a run folder after `make ppo` (sft, rm, data)")
     parser.add_argument("--config", default=str(DEFAULT), help="the config the run was made with")
     parser.add_argument("--num_updates", type=int, default=32, help="PPO updates (the default config runs 16)")
     parser.add_argument("--output_dir", default="", help="the long PPO run's folder (default: <run>/ppo_long)")
     parser.add_argument("--output", default=str(Path(__file__).with_name("over_optimisation.json")))
-    options = parser.parse_args()
+    options, ppo_options = parser.parse_known_args()
     run = ROOT / options.run
     folder = Path(options.output_dir) if options.output_dir else run / "ppo_long"
     # Streamed, not captured: the run takes most of an hour and shows its progress bar.
     command = [sys.executable, "-m", "ppo", "--config", options.config, "--policy", str(run / "sft"),
                "--reward_model", str(run / "rm"), "--prompts", str(run / "data" / "prompts_ppo.jsonl"),
-               "--output_dir", str(folder), "--num_updates", str(options.num_updates)]
+               "--output_dir", str(folder), "--num_updates", str(options.num_updates), *ppo_options]
     if subprocess.run(command, cwd=ROOT).returncode:
         sys.exit(f"bench: the PPO run into {folder} failed (its error is above)")
 
@@ -78,7 +81,8 @@ def main() -> None:
               f"{found['reward_gain_after_peak']:+.3f} after the peak")
     Path(options.output).parent.mkdir(parents=True, exist_ok=True)
     plot_over_optimisation({"ppo": ""}, {"ppo": {"path": str(folder)}}, Path(options.output).with_suffix(".png"))
-    settings = {"run": options.run, "config": options.config, "num_updates": options.num_updates}
+    settings = {"run": options.run, "config": options.config, "num_updates": options.num_updates,
+                "ppo_options": ppo_options}
     Path(options.output).write_text(json.dumps({"machine": machine_facts(), "settings": settings,
                                                 "readings": rows, "peak": found}, indent=2) + "\n")
     print(f"bench: wrote {options.output} and {Path(options.output).with_suffix('.png')}")
