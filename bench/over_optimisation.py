@@ -41,10 +41,9 @@ def readings(folder: Path) -> list[dict]:
 def peak(rows: list[dict]) -> dict:
     """Where the judge peaked and what the reward model said after that point."""
     best = max(rows, key=lambda row: row["judge"])
-    after = [row for row in rows if row["update"] > best["update"]]
     return {"update": best["update"], "judge": best["judge"], "kl": best["kl"],
             "last_update": rows[-1]["update"], "judge_at_end": rows[-1]["judge"],
-            "reward_gain_after_peak": (rows[-1]["reward"] - best["reward"]) if after else 0.0}
+            "reward_gain_after_peak": rows[-1]["reward"] - best["reward"]}
 
 
 def main() -> None:
