@@ -14,6 +14,7 @@
 #   make bench      benchmarks: SFT/RM tokens/s vs plain trl, PPO vs trl 1.12, peak memory, FLOP/s vs matmul peak
 #   make bench-peft every PEFT method on the embedded default: SFT time and eval loss, RM accuracy (about 70 min)
 #   make bench-overopt  the default PPO for twice its updates: where the gold score peaks while the RM's rises
+#   make bench-memory   PPO's GPU memory for 0.5B, 1.5B and 7B shapes, full fine-tune and LoRA (an estimate)
 #   make test       the test suite (what .ci/run calls)
 # Every target takes CONFIG=configs/<name>.yaml and RUN=runs/<name>; ARGS="--option value" goes to the
 # stage named on the command line only. A stage whose inputs did not change is skipped by the stage
@@ -59,12 +60,12 @@ EVAL_PROMPTS ?= $(RUN)/data/prompts_eval.jsonl
 # ARGS reach only the stage the user named: `make rm ARGS="--learning_rate 1e-5"` must not retrain SFT.
 args_for = $(if $(filter $(1),$(MAKECMDGOALS)),$(ARGS))
 
-.PHONY: all setup base data sft prefs rm ppo dpo rloo methods eval rounds bench bench-peft bench-overopt score prefs-export prefs-import test lint clean help
+.PHONY: all setup base data sft prefs rm ppo dpo rloo methods eval rounds bench bench-peft bench-overopt bench-memory score prefs-export prefs-import test lint clean help
 
 all: eval
 
 help:
-	@sed -n '1,23p' Makefile
+	@sed -n '1,24p' Makefile
 
 setup: $(SETUP_STAMP)
 
@@ -186,6 +187,9 @@ bench-peft: setup
 
 bench-overopt: ppo
 	$(PY) bench/over_optimisation.py --run $(RUN) --config $(CONFIG) $(call args_for,bench-overopt)
+
+bench-memory: setup
+	$(PY) bench/ppo_memory.py $(call args_for,bench-memory)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -37,12 +37,13 @@ def start_processes() -> PartialState:
     return PartialState(cpu=True)
 
 def output_bytes(networks: list[torch.nn.Module], resumable: bool) -> int:
-    """A stage's estimate of what it writes: the final weights, plus (when it checkpoints for resuming) two
-    checkpoints of the weights and AdamW's two fp32 moments of the trained ones."""
+    """A stage's estimate of what it writes: the final weights (fp32, whatever a frozen base is held in), plus
+    (when it checkpoints for resuming) two checkpoints of the weights as held and AdamW's two fp32 moments of the
+    trained ones."""
     parameters = [p for network in networks for p in network.parameters()]
     weights = sum(p.numel() * p.element_size() for p in parameters)
     trainable = sum(p.numel() for p in parameters if p.requires_grad)
-    return weights + (2 * (weights + 8 * trainable) if resumable else 0)
+    return 4 * sum(p.numel() for p in parameters) + (2 * (weights + 8 * trainable) if resumable else 0)
 
 
 def open_output(output: StagedOutput, state: PartialState, keep: bool = False, need_bytes: int = 0) -> Path:

@@ -76,19 +76,21 @@ def local_or_hub(path: str) -> str:
     return str(local.resolve()) if local.exists() else path
 
 
-def load_causal_lm(path: str) -> PreTrainedModel:
-    """A causal LM in fp32 (the trainer casts for mixed precision), dropout as the checkpoint has it."""
+def load_causal_lm(path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A causal LM, dropout as the checkpoint has it: in fp32 to train (the trainer casts for mixed precision),
+    in the compute dtype (`Compute.dtype`) to only run forward."""
     require_checkpoint(path, "model", "run `make base` or pass BASE_MODEL=<path or hub id>")
     # transformers loads weight adapters (LoRA, IA3) itself; a prompt-learning one needs peft's wrapper.
     load = AutoPeftModelForCausalLM if prompt_learning_adapter(path) else AutoModelForCausalLM
     try:
-        return load.from_pretrained(local_or_hub(path), dtype=torch.float32)
+        return load.from_pretrained(local_or_hub(path), dtype=dtype)
     except (OSError, ValueError) as err:
         raise PipelineError(f"cannot load a causal LM from {path}: {str(err).splitlines()[0]}") from None
 
 
-def load_reward_model(path: str, pad_token_id: int) -> PreTrainedModel:
-    """A one-logit sequence classifier: a reward model, or a causal LM given a new scalar head to train."""
+def load_reward_model(path: str, pad_token_id: int, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A one-logit sequence classifier: a reward model, or a causal LM given a new scalar head to train (dtype as
+    for `load_causal_lm`)."""
     require_checkpoint(path, "model", "run the stage that writes it first (`make sft` or `make rm`)")
     if prompt_learning_adapter(path):
         raise PipelineError(f"{path} is a prefix/p_tuning/prompt adapter, which cannot be merged into whole weights; "
@@ -99,7 +101,7 @@ def load_reward_model(path: str, pad_token_id: int) -> PreTrainedModel:
     hf_logging.set_verbosity_error()
     try:
         model = AutoModelForSequenceClassification.from_pretrained(local_or_hub(path), num_labels=1,
-                                                                   dtype=torch.float32)
+                                                                   dtype=dtype)
     except (OSError, ValueError) as err:
         raise PipelineError(f"cannot load a reward model from {path}: {str(err).splitlines()[0]}") from None
     finally:

@@ -1,9 +1,10 @@
 """Where every model runs and in which number format: one device helper and one precision policy for all stages.
 
 The policy (README, "Precision"): trained weights and optimizer state are fp32; forward and backward passes run
-under autocast in the compute dtype (bf16 on a GPU that has it). Frozen models (the PPO reference, reward models,
-the models of `make prefs`, `make eval` and `make score`) are stored like the trained ones and run under the same
-autocast, so the reference's log-probs of the policy's own weights are the policy's log-probs, bit for bit, and
+under autocast in the compute dtype (bf16 on a GPU that has it). Models that only run forward (reward models and
+judges, the models of `make prefs`, `make eval` and `make score`, the frozen base under a PPO adapter) are stored
+in the compute dtype: half the memory, the same matmuls. The one exception is a full fine-tune's PPO reference,
+stored like the policy it is compared with, so that identical weights give identical log-probs, bit for bit, and
 the KL penalty starts at exactly 0. Log-softmax, values, rewards and losses are fp32.
 """
 
@@ -51,6 +52,11 @@ class Compute:
     def choose(cls, requested: str) -> "Compute":
         device = compute_device()
         return cls(device, choose_precision(requested, device))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype, which models that only run forward are stored in."""
+        return DTYPES[self.precision]
 
     def autocast(self) -> AbstractContextManager:
         return torch.autocast(self.device.type, dtype=DTYPES[self.precision], enabled=self.precision != "fp32")

@@ -43,7 +43,7 @@ class RewardScorer:
     @classmethod
     def load(cls, path: str, compute: Compute, batch_size: int = 16) -> "RewardScorer":
         tokenizer = load_tokenizer(path)
-        model = load_reward_model(path, tokenizer.pad_token_id).to(compute.device).requires_grad_(False)
+        model = load_reward_model(path, tokenizer.pad_token_id, compute.dtype).to(compute.device).requires_grad_(False)
         return cls(model, tokenizer, compute, batch_size)
 
     @staticmethod

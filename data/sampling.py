@@ -11,7 +11,7 @@ from data.collect import CollectConfig
 
 def sample_candidates(config: CollectConfig, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
                       compute: Compute) -> list[dict]:
-    model = load_causal_lm(config.policy).to(compute.device)
+    model = load_causal_lm(config.policy, compute.dtype).to(compute.device)
     set_seed(config.seed)
     k = config.samples_per_prompt
     rows = []

@@ -109,7 +109,7 @@ def evaluate_checkpoint(name: str, path: str, reference: PreTrainedModel | None,
                         config: EvalConfig, compute: Compute, pair_prompts: int = 0) -> dict:
     """Sample one reply per prompt (fixed seed), then its log-probs under the checkpoint and the reference;
     with `pair_prompts`, a second reply to that many prompts (another seed)."""
-    model = reference if name == reference_name else load_causal_lm(path).to(compute.device)
+    model = reference if name == reference_name else load_causal_lm(path, compute.dtype).to(compute.device)
     prompt_ids = [prompt_input_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     ids = sample_replies(model, tokenizer, prompts, prompt_ids, config, compute, config.seed, name)
     texts, finished = decode_replies(tokenizer, ids)
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"eval: {', '.join(checkpoints)} on {len(prompts)} prompts from {config.prompts} "
           f"(T {config.temperature}, {config.max_new_tokens} tokens, seed {config.seed}); judge {config.judge}; "
           f"{compute.device}, {compute.precision}")
-    reference = load_causal_lm(checkpoints[config.reference]).to(compute.device)
+    reference = load_causal_lm(checkpoints[config.reference], compute.dtype).to(compute.device)
     results = {}
     for name, path in checkpoints.items():
         tokenizer = tokenizers[name]

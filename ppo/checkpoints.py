@@ -107,7 +107,9 @@ def save_final(accelerator: Accelerator, model, tokenizer, config: PPOStageConfi
         weights = {key[len(name) + 1:]: value for key, value in state.items() if key.startswith(f"{name}.")}
         if isinstance(network, PeftModel) and config.merge:
             network.load_state_dict(weights)
-            network.merge_and_unload().save_pretrained(folder)
+            # Merged into a base held in bf16, the adapter's small update would mostly round away: merge in fp32,
+            # on the CPU, which has room for a large model's fp32 copy where the GPU may not.
+            network.to("cpu", torch.float32).merge_and_unload().save_pretrained(folder)
         else:
             network.save_pretrained(folder, state_dict=weights)
         tokenizer.save_pretrained(folder)

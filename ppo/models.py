@@ -75,26 +75,41 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def build_models(config: PPOStageConfig, tokenizer: PreTrainedTokenizerBase):
+def trained_in_fp32(model: torch.nn.Module) -> torch.nn.Module:
+    """An adapted model whose frozen base is held in the compute dtype: its trained parameters (adapters, a
+    classifier head peft copies to train) go back to fp32, where the precision policy keeps what an optimizer
+    updates (a bf16 weight would round most small updates away)."""
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    return model
+
+
+def build_models(config: PPOStageConfig, tokenizer: PreTrainedTokenizerBase,
+                 frozen_dtype: torch.dtype = torch.float32):
     """Policy, critic and (unless an adapter makes it the policy with its adapter off) a frozen reference.
+    Under an adapter the frozen base is held in `frozen_dtype` (the compute dtype: half the memory in bf16); a
+    full fine-tune's reference stays fp32 like the policy, so that the KL of identical weights is exactly 0.
     No adapter dropout: dropout is off everywhere in PPO."""
     steps = config.optimizer_steps()
-    policy = load_causal_lm(config.policy)
-    critic = load_reward_model(config.critic or config.reward_model, tokenizer.pad_token_id)
+    policy = load_causal_lm(config.policy, frozen_dtype if config.uses_adapter() else torch.float32)
+    critic_adapted = config.critic_peft_method != "none"
+    critic = load_reward_model(config.critic or config.reward_model, tokenizer.pad_token_id,
+                               frozen_dtype if critic_adapted else torch.float32)
     reference = None
 
     if config.uses_adapter():
         adapter = peft_config(config, policy, "CAUSAL_LM", "ppo", PPO_REFUSED, steps, dropout=0.0)
-        policy = get_peft_model(policy, adapter)
+        policy = trained_in_fp32(get_peft_model(policy, adapter))
     else:
         reference = load_causal_lm(config.reference or config.policy).requires_grad_(False).eval()
         disable_dropout(reference)
         if config.trainable_layers:
             freeze_lower_blocks(policy, config.trainable_layers)
-    if config.critic_peft_method != "none":
+    if critic_adapted:
         critic_options = dataclasses.replace(config, peft_method=config.critic_peft_method)
-        critic = get_peft_model(critic, peft_config(critic_options, critic, "SEQ_CLS", "ppo critic", PPO_REFUSED,
-                                                    steps, dropout=0.0))
+        critic = trained_in_fp32(get_peft_model(critic, peft_config(critic_options, critic, "SEQ_CLS", "ppo critic",
+                                                                    PPO_REFUSED, steps, dropout=0.0)))
     elif config.trainable_layers:
         freeze_lower_blocks(critic, config.trainable_layers)
     for model in (policy, critic):

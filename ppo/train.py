@@ -338,7 +338,7 @@ def prepare(config: PPOStageConfig, state: PartialState, output: StagedOutput, p
         next(ptx)  # reads and checks the SFT data now, not at the first update
 
     set_seed(config.seed)
-    policy, critic, reference = build_models(config, tokenizer)
+    policy, critic, reference = build_models(config, tokenizer, compute.dtype)
     resume_from = resume_point(output.staging, print_) if output.staging.is_dir() else None
     need = output_bytes([policy, critic], resumable=bool(config.save_every))  # briefly two resume checkpoints
     staging = open_output(output, state, keep=resume_from is not None, need_bytes=need)

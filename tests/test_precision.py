@@ -2,22 +2,24 @@
 (what `precision: auto` picks on a GPU), the KL of identical weights exactly 0, no attention row left without a
 key (the cause of NaN gradients in bf16 on the GPU), broken logits and accelerator failures as one line."""
 
+import importlib.util
 import json
 import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import common.distributed
 from common.errors import PipelineError, run_cli
 from common.modeling import generate_reply_ids
 from common.precision import Compute, choose_precision
+from common.reward import RewardScorer
 from ppo.config import PPOStageConfig
 from ppo.core import token_logprobs
 from ppo.models import PolicyAndCritic, build_models
 from ppo.rollout import sample_replies, score_rollout
-from tests.conftest import CPU, TINY, chat_rows, run_module, write_jsonl
+from tests.conftest import CPU, ROOT, TINY, chat_rows, run_module, write_jsonl
 
 CPU_DEVICE = torch.device("cpu")
 
@@ -45,6 +47,9 @@ def bf16_runs(tmp_path_factory, tiny_base, make_run) -> dict:
          "--output_dir", str(tmp / "rm"), "--max_steps", "8"),
         ("ppo", "--policy", str(make_run / "sft"), "--reward_model", str(make_run / "rm"), "--prompts",
          str(make_run / "data" / "prompts_ppo.jsonl"), "--output_dir", str(tmp / "ppo"), "--num_updates", "2"),
+        ("ppo", "--policy", str(make_run / "sft"), "--reward_model", str(make_run / "rm"), "--prompts",
+         str(make_run / "data" / "prompts_ppo.jsonl"), "--output_dir", str(tmp / "ppo_lora"), "--num_updates", "2",
+         "--peft_method", "lora", "--critic_peft_method", "lora", "--eval_every", "0"),
     ]
     for module, *args in stages:
         result = run_module(module, *bf16, *args, env={"CUDA_VISIBLE_DEVICES": ""})
@@ -78,6 +83,61 @@ def test_ppo_in_bf16_starts_at_kl_zero_and_stays_finite(bf16_runs):
     assert rows[-1]["objective/kl"] > 0  # and then it learns
     policy = AutoModelForCausalLM.from_pretrained(ppo)
     assert policy.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False).shape[1] > 3
+
+
+def test_frozen_models_are_held_in_the_compute_dtype_and_trained_ones_in_fp32(make_run):
+    bf16 = Compute(CPU_DEVICE, "bf16")
+    assert RewardScorer.load(str(make_run / "rm"), bf16).model.dtype == torch.bfloat16
+    assert RewardScorer.load(str(make_run / "rm"), CPU).model.dtype == torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(make_run / "sft")
+    config = PPOStageConfig(policy=str(make_run / "sft"), reward_model=str(make_run / "rm"), peft_method="lora",
+                            critic_peft_method="lora")
+    policy, critic, reference = build_models(config, tokenizer, bf16.dtype)
+    for network in (policy, critic):
+        trained = [p for p in network.parameters() if p.requires_grad]
+        frozen = [p for p in network.parameters() if not p.requires_grad]
+        assert trained and all(p.dtype == torch.float32 for p in trained)  # adapters and the critic's head
+        assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    # A full fine-tune's reference is stored like the policy: identical weights, identical log-probs.
+    full = PPOStageConfig(policy=str(make_run / "sft"), reward_model=str(make_run / "rm"))
+    policy, critic, reference = build_models(full, tokenizer, bf16.dtype)
+    assert {p.dtype for model in (policy, critic, reference) for p in model.parameters()} == {torch.float32}
+
+
+def test_memory_estimate_counts_the_bytes_ppo_holds(make_run):
+    """bench/ppo_memory.py's weights and optimizer state, built on the meta device from a config, are the bytes
+    of the models PPO builds in bf16: full fine-tune of the top blocks, and adapters on both networks."""
+    spec = importlib.util.spec_from_file_location("ppo_memory", ROOT / "bench" / "ppo_memory.py")
+    ppo_memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ppo_memory)
+    tokenizer = AutoTokenizer.from_pretrained(make_run / "sft")
+    rm = RewardScorer.load(str(make_run / "rm"), Compute(CPU_DEVICE, "bf16")).model
+    for options in ({"trainable_layers": 1}, {"peft_method": "lora", "critic_peft_method": "lora"}):
+        config = PPOStageConfig(policy=str(make_run / "sft"), reward_model=str(make_run / "rm"), **options)
+        policy, critic, reference = build_models(config, tokenizer, torch.bfloat16)
+        held = sum(p.numel() * p.element_size() for model in (policy, critic, reference, rm) if model is not None
+                   for p in model.parameters())
+        trained = sum(p.numel() for model in (policy, critic) for p in model.parameters() if p.requires_grad)
+        estimate = ppo_memory.estimate(config, AutoConfig.from_pretrained(make_run / "sft"), seq_len=16)
+        assert estimate["weights"] * ppo_memory.GIB == held
+        assert estimate["gradients_and_adamw"] * ppo_memory.GIB == 12 * trained > 0
+
+
+def test_ppo_with_adapters_on_a_bf16_base_starts_at_kl_zero_and_merges_its_update(bf16_runs):
+    """The LoRA run holds the SFT weights in bf16 and trains fp32 adapters on them. Merged into bf16 weights the
+    small update would mostly round away; merged in fp32, the adapted weights are no longer bf16 numbers."""
+    ppo, sft = bf16_runs["tmp"] / "ppo_lora", bf16_runs["make_run"] / "sft"
+    rows = [json.loads(line) for line in (ppo / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["objective/kl"] == 0.0 and rows[-1]["objective/kl"] > 0
+    assert all(math.isfinite(v) for row in rows for v in row.values() if isinstance(v, float))
+    policy = AutoModelForCausalLM.from_pretrained(ppo)
+    before = AutoModelForCausalLM.from_pretrained(sft).state_dict()
+    assert policy.dtype == torch.float32
+    moved = [name for name, weight in policy.state_dict().items()
+             if not torch.equal(weight, before[name].to(torch.bfloat16).float())]
+    assert moved and all("proj" in name for name in moved)  # only the adapted projections changed
+    assert all(not torch.equal(policy.state_dict()[name], policy.state_dict()[name].to(torch.bfloat16).float())
+               for name in moved)  # by updates finer than bf16 resolves: merged in fp32
 
 
 def test_ppo_forwards_leave_no_attention_row_without_a_key(make_run, monkeypatch):
