@@ -16,6 +16,7 @@ and CUDA's allocator adds its own slack on top. A GPU run must confirm the total
 """
 
 import argparse
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -62,10 +63,12 @@ def adapted(model, config: PPOStageConfig, method: str, task: str):
 def estimate(config: PPOStageConfig, model_config: PretrainedConfig, seq_len: int) -> dict:
     """GiB of weights, gradients + AdamW state and activations of one PPO setup: the models `build_models` builds,
     in the dtypes it stores them in, and the reward model as `RewardScorer` holds it."""
+    model_config = copy.deepcopy(model_config)
+    model_config.num_labels = 1  # the critic's and the reward model's one-logit head
     with torch.device("meta"):
         policy = AutoModelForCausalLM.from_config(model_config)
-        critic = AutoModelForSequenceClassification.from_config(model_config, num_labels=1)
-        reward_model = AutoModelForSequenceClassification.from_config(model_config, num_labels=1)
+        critic = AutoModelForSequenceClassification.from_config(model_config)
+        reward_model = AutoModelForSequenceClassification.from_config(model_config)
         if config.uses_adapter():
             policy = adapted(policy, config, config.peft_method, "CAUSAL_LM")
         elif config.trainable_layers:
@@ -107,11 +110,12 @@ def main() -> None:
                                     **options)
             rows.append({"shape": shape, "setup": setup, **estimate(config, shape_config(shape), args.seq_len)})
     print(f"PPO memory estimate (GiB), bf16 compute, micro-batch {args.micro_batch_size} x {args.seq_len} tokens")
-    print("| shape | setup | weights | gradients + AdamW | activations | total | fits 80 GB |")
+    # An 80 GB card shows about 79 GiB; CUDA's context and the allocator's fragmentation take several of them.
+    print("| shape | setup | weights | gradients + AdamW | activations | total | fits 80 GB (total under 70 GiB) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         print(f"| {row['shape']} | {row['setup']} | {row['weights']:.1f} | {row['gradients_and_adamw']:.1f} | "
-              f"{row['activations']:.1f} | {row['total']:.1f} | {'yes' if row['total'] < 74 else 'no'} |")
+              f"{row['activations']:.1f} | {row['total']:.1f} | {'yes' if row['total'] < 70 else 'no'} |")
     Path(args.output).write_text(json.dumps({"estimate": True, "options": vars(args), "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.output}")
 

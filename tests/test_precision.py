@@ -128,7 +128,7 @@ def test_ppo_with_adapters_on_a_bf16_base_starts_at_kl_zero_and_merges_its_updat
     small update would mostly round away; merged in fp32, the adapted weights are no longer bf16 numbers."""
     ppo, sft = bf16_runs["tmp"] / "ppo_lora", bf16_runs["make_run"] / "sft"
     rows = [json.loads(line) for line in (ppo / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["objective/kl"] == 0.0 and rows[-1]["objective/kl"] > 0
+    assert rows[0]["objective/kl"] == 0.0 and rows[-1]["objective/kl"] != 0.0  # then the adapters move it
     assert all(math.isfinite(v) for row in rows for v in row.values() if isinstance(v, float))
     policy = AutoModelForCausalLM.from_pretrained(ppo)
     before = AutoModelForCausalLM.from_pretrained(sft).state_dict()
