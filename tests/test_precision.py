@@ -24,9 +24,12 @@ from tests.conftest import CPU, ROOT, TINY, chat_rows, run_module, write_jsonl
 CPU_DEVICE = torch.device("cpu")
 
 
-def test_auto_is_fp32_on_the_cpu_and_bf16_may_be_asked_for():
-    assert choose_precision("auto", CPU_DEVICE) == "fp32"
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_is_bf16_on_a_cpu_with_amx_else_fp32_and_bf16_may_be_asked_for(amx, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert choose_precision("auto", CPU_DEVICE) == ("bf16" if amx else "fp32")
     assert choose_precision("bf16", CPU_DEVICE) == "bf16"
+    assert choose_precision("fp32", CPU_DEVICE) == "fp32"
     with pytest.raises(PipelineError, match="fp16 needs a GPU"):
         choose_precision("fp16", CPU_DEVICE)
     with pytest.raises(PipelineError, match="must be auto, fp32, bf16 or fp16"):
