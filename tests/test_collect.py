@@ -57,7 +57,7 @@ def test_callable_labeller(make_run, tmp_path):
 def test_reward_model_labeller(make_run, tmp_path):
     collect(make_run, tmp_path / "prefs", "--labeller", str(make_run / "rm"), "--num_prompts", "3")
     ranked = read_jsonl(tmp_path / "prefs" / "ranked.jsonl")
-    scorer = RewardScorer.load(str(make_run / "rm"), Compute.choose("auto"))  # what collect's auto chose
+    scorer = RewardScorer.load(str(make_run / "rm"), Compute.choose("fp32"))  # the tiny config pins fp32
     expected = scorer.judge([ranked[0]["prompt"]] * 4, ranked[0]["responses"], ranked[0]["finished"])
     assert ranked[0]["scores"] == pytest.approx(expected, abs=1e-4)
 
