@@ -8,11 +8,12 @@ Usage:
 
 Each shape's policy, critic, reference and reward model are built on the meta device (no memory) from a
 transformers config, the adapters by the same `peft_config` the PPO stage uses, and each parameter is counted in
-the dtype the stage stores it in: frozen models in bf16, a full fine-tune's policy, critic and reference in fp32,
-adapters fp32, plus an fp32 gradient and AdamW's two fp32 moments for every trained parameter. Those bytes are
-exact. The activations of one learning micro-batch are counted per token and block from a SwiGLU decoder's
-saved tensors (policy and critic; no gradient checkpointing; SDPA keeps no attention matrix): a rough figure,
-and CUDA's allocator adds its own slack on top. A GPU run must confirm the totals.
+the dtype the stage stores it in: frozen models and frozen blocks in bf16, trained weights (and a full
+fine-tune's reference where its policy trains) fp32, adapters fp32, plus an fp32 gradient and AdamW's two fp32
+moments for every trained parameter. Those bytes are exact. The activations of one learning micro-batch are
+counted per token and block from a SwiGLU decoder's saved tensors (policy and critic; no gradient checkpointing;
+SDPA keeps no attention matrix): a rough figure, and CUDA's allocator adds its own slack on top. A GPU run
+must confirm the totals.
 """
 
 import argparse
@@ -77,10 +78,11 @@ def estimate(config: PPOStageConfig, model_config: PretrainedConfig, seq_len: in
             critic = adapted(critic, config, config.critic_peft_method, "SEQ_CLS")
         elif config.trainable_layers:
             freeze_lower_blocks(critic, config.trainable_layers)
-    # Frozen bases of adapted models in bf16; a full fine-tune's weights (and its reference) fp32.
-    policy_weights, policy_state = stored_bytes(policy, 2 if config.uses_adapter() else 4)
-    critic_weights, critic_state = stored_bytes(critic, 2 if config.critic_peft_method != "none" else 4)
-    reference = 0 if config.uses_adapter() else 4 * sum(p.numel() for p in policy.parameters())
+    # What is frozen in bf16 (an adapter's base, the blocks below trainable_layers), what trains in fp32; a full
+    # fine-tune's reference stored like its policy.
+    policy_weights, policy_state = stored_bytes(policy, 2)
+    critic_weights, critic_state = stored_bytes(critic, 2)
+    reference = 0 if config.uses_adapter() else policy_weights
     rm_weights = 2 * sum(p.numel() for p in reward_model.parameters())
     hidden, mlp = model_config.hidden_size, model_config.intermediate_size
     # Per token and block: about 12 hidden-wide and 4 MLP-wide bf16 tensors kept for backward, and the fp32

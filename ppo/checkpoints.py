@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from peft import PeftModel
 from torch.utils.tensorboard import SummaryWriter
 
 from common.checkpoint import RESUME
+from common.modeling import load_causal_lm, load_reward_model
 from ppo.config import PPOStageConfig
 from ppo.core import KLController
 
@@ -102,6 +104,8 @@ def save_final(accelerator: Accelerator, model, tokenizer, config: PPOStageConfi
     if not accelerator.is_main_process:
         return
     unwrapped = accelerator.unwrap_model(model)
+    sources = {"policy": lambda: load_causal_lm(config.policy),
+               "critic": lambda: load_reward_model(config.critic or config.reward_model, tokenizer.pad_token_id)}
     for name, folder in (("policy", staging), ("critic", staging / "value")):
         network = getattr(unwrapped, name)
         weights = {key[len(name) + 1:]: value for key, value in state.items() if key.startswith(f"{name}.")}
@@ -111,5 +115,19 @@ def save_final(accelerator: Accelerator, model, tokenizer, config: PPOStageConfi
             # on the CPU, which has room for a large model's fp32 copy where the GPU may not.
             network.to("cpu", torch.float32).merge_and_unload().save_pretrained(folder)
         else:
-            network.save_pretrained(folder, state_dict=weights)
+            network.save_pretrained(folder, state_dict=frozen_blocks_back_in_fp32(network, weights, sources[name]))
         tokenizer.save_pretrained(folder)
+
+
+def frozen_blocks_back_in_fp32(network: torch.nn.Module, weights: dict[str, torch.Tensor],
+                               load_source: Callable[[], torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """The blocks below `trainable_layers` were held in the compute dtype and never changed: the checkpoint gets
+    the fp32 weights they were loaded from, not their bf16 rounding (which would read as a change from SFT), and
+    the network goes back to fp32 (on the CPU), whose dtype `save_pretrained` writes into config.json."""
+    frozen = [key for key, tensor in network.state_dict(keep_vars=True).items()
+              if not tensor.requires_grad and tensor.dtype != torch.float32 and key in weights]
+    if not frozen:
+        return weights
+    source = load_source().state_dict()
+    network.to("cpu", torch.float32)
+    return {**weights, **{key: source[key] for key in frozen}}

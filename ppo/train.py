@@ -37,6 +37,7 @@ import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -141,15 +142,18 @@ def main(argv: list[str] | None = None) -> None:
 
 def ppo_update(run: PPORun, update: int, print_: str) -> dict:
     """One PPO update: rollout, rewards, advantages, learning; then its metrics, evaluation and checkpoint."""
-    config, tick = run.config, time.time()
+    config, times = run.config, [clock(run.compute)]
     first, prompts, prompt_ids = episode_batch(run, update)
     # 1. Rollout: a sampled reply per prompt; the policy's and the reference's log-probs, the critic's values.
     with whole_weights(run.accelerator, run.model):
         rollout = sample_replies(run.unwrapped.policy, run.tokenizer, prompt_ids, config, run.compute,
                                  seed=config.seed * 1_000_003 + first + run.rank_rows.start)
+        times.append(clock(run.compute))
         score_rollout(run.unwrapped, run.reference, rollout, config, run.compute)
+        times.append(clock(run.compute))
     # 2. Rewards: the sources' score on each reply's last token, the KL penalty on every token.
     scores, per_source, _ = score_replies(run.sources, run.tokenizer, prompts, prompt_ids, rollout, config)
+    times.append(clock(run.compute))
     mask = rollout.reply_mask
     token_kl = kl_estimate(rollout.logprobs, rollout.ref_logprobs, config.kl_estimator) * mask
     rewards = token_rewards(scores, token_kl, mask, run.kl.coef)
@@ -158,16 +162,21 @@ def ppo_update(run: PPORun, update: int, print_: str) -> dict:
     # 3. Advantages: GAE, whitened over the whole batch (all processes).
     advantages, returns = generalized_advantages(rewards, rollout.values, mask, config.gamma, config.lam)
     advantages = masked_whiten(advantages, mask, total=run.across_processes)
-    rollout_seconds = time.time() - tick
+    times.append(clock(run.compute))
     # 4. Learn.
     stats = learn(run, rollout, advantages, returns, update)
+    times.append(clock(run.compute))
     # 5. Log, evaluate, checkpoint.
     metrics = update_metrics(run, rollout, scores, per_source, token_kl, stats)
     run.kl.update(metrics["objective/kl"], config.rollout_batch_size)
+    # Where the update's time went (the periodic held-out evaluation below is not counted).
+    spans = [later - earlier for earlier, later in pairwise(times)]
+    phases = dict(zip(("sample", "score", "reward", "advantages", "learn"), spans, strict=True))
     metrics.update({"kl_coef": run.kl.coef, "lr": run.scheduler.get_last_lr()[0],
                     "episodes": first + config.rollout_batch_size,
-                    "time/rollout": rollout_seconds, "time/update": time.time() - tick,
-                    "episodes_per_second": config.rollout_batch_size / (time.time() - tick)})
+                    **{f"time/{phase}": seconds for phase, seconds in phases.items()},
+                    "time/update": times[-1] - times[0],
+                    "episodes_per_second": config.rollout_batch_size / (times[-1] - times[0])})
     run.progress.update = done = update + 1
     if config.eval_every and (done % config.eval_every == 0 or done == config.num_updates):
         metrics.update(held_out(run))
@@ -180,6 +189,14 @@ def ppo_update(run: PPORun, update: int, print_: str) -> dict:
     if config.save_every and done % config.save_every == 0 and done < config.num_updates:
         save_checkpoint(run.accelerator, run.staging, done, print_)
     return metrics
+
+
+def clock(compute: Compute) -> float:
+    """The time once the device has done its queued work: a GPU runs asynchronously, and without waiting a
+    phase's time would be counted in whichever later phase first needs a result."""
+    if compute.device.type == "cuda":
+        torch.cuda.synchronize(compute.device)
+    return time.time()
 
 
 def episode_batch(run: PPORun, update: int) -> tuple[int, list[str], list[list[int]]]:

@@ -132,6 +132,9 @@ def test_make_ppo_writes_the_checkpoint_contract(make_run):
     rows = [json.loads(line) for line in (ppo / "metrics.jsonl").read_text().splitlines()]
     assert [row["update"] for row in rows] == [0, 1, 2, 3, 4]
     assert {"reward/score", "objective/kl", "policy/clipfrac", "loss/value", "reply/eos_rate"} <= set(rows[1])
+    # Where each update's time went: the phases, each under way, add up to the update.
+    phases = [rows[1][f"time/{phase}"] for phase in ("sample", "score", "reward", "advantages", "learn")]
+    assert all(seconds > 0 for seconds in phases) and sum(phases) == pytest.approx(rows[1]["time/update"])
     assert list((ppo / "tensorboard").iterdir())
     assert not (make_run / ".ppo.partial").exists()
     tokenizer = AutoTokenizer.from_pretrained(ppo)

@@ -53,6 +53,9 @@ def bf16_runs(tmp_path_factory, tiny_base, make_run) -> dict:
         ("ppo", "--policy", str(make_run / "sft"), "--reward_model", str(make_run / "rm"), "--prompts",
          str(make_run / "data" / "prompts_ppo.jsonl"), "--output_dir", str(tmp / "ppo_lora"), "--num_updates", "2",
          "--peft_method", "lora", "--critic_peft_method", "lora", "--eval_every", "0"),
+        ("ppo", "--policy", str(make_run / "sft"), "--reward_model", str(make_run / "rm"), "--prompts",
+         str(make_run / "data" / "prompts_ppo.jsonl"), "--output_dir", str(tmp / "ppo_top"), "--num_updates", "2",
+         "--trainable_layers", "1", "--eval_every", "0"),
     ]
     for module, *args in stages:
         result = run_module(module, *bf16, *args, env={"CUDA_VISIBLE_DEVICES": ""})
@@ -105,6 +108,34 @@ def test_frozen_models_are_held_in_the_compute_dtype_and_trained_ones_in_fp32(ma
     full = PPOStageConfig(policy=str(make_run / "sft"), reward_model=str(make_run / "rm"))
     policy, critic, reference = build_models(full, tokenizer, bf16.dtype)
     assert {p.dtype for model in (policy, critic, reference) for p in model.parameters()} == {torch.float32}
+    # Trained in its top block only: the blocks below (and the embeddings) are frozen, so bf16; the reference
+    # is laid out parameter by parameter like the policy.
+    top = PPOStageConfig(policy=str(make_run / "sft"), reward_model=str(make_run / "rm"), trainable_layers=1)
+    policy, critic, reference = build_models(top, tokenizer, bf16.dtype)
+    for network in (policy, critic):
+        assert {p.dtype for p in network.parameters() if p.requires_grad} == {torch.float32}
+        assert {p.dtype for p in network.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert [p.dtype for p in reference.parameters()] == [p.dtype for p in policy.parameters()]
+
+
+def test_ppo_trained_in_its_top_blocks_starts_at_kl_zero_and_writes_the_frozen_blocks_in_fp32(bf16_runs):
+    """Frozen blocks held in bf16 (policy, critic and the reference alike) still give a KL of exactly 0 at
+    the start; the checkpoint carries the SFT weights of the frozen blocks bit for bit, not their bf16 rounding,
+    and the fp32 update of the trained block."""
+    ppo, sft = bf16_runs["tmp"] / "ppo_top", bf16_runs["make_run"] / "sft"
+    rows = [json.loads(line) for line in (ppo / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["objective/kl"] == 0.0 and rows[-1]["objective/kl"] != 0.0
+    assert all(math.isfinite(v) for row in rows for v in row.values() if isinstance(v, float))
+    before = AutoModelForCausalLM.from_pretrained(sft).state_dict()
+    policy = AutoModelForCausalLM.from_pretrained(ppo)
+    assert policy.dtype == torch.float32  # what config.json says, as the weights are
+    after = policy.state_dict()
+    moved = {name for name, weight in after.items() if not torch.equal(weight, before[name])}
+    assert moved and all(name.startswith(("model.layers.1.", "model.norm.", "lm_head.")) for name in moved)
+    critic = AutoModelForSequenceClassification.from_pretrained(ppo / "value", num_labels=1).state_dict()
+    rm = AutoModelForSequenceClassification.from_pretrained(bf16_runs["make_run"] / "rm", num_labels=1).state_dict()
+    assert torch.equal(critic["model.embed_tokens.weight"], rm["model.embed_tokens.weight"])
+    assert not torch.equal(critic["score.weight"], rm["score.weight"])
 
 
 def test_memory_estimate_counts_the_bytes_ppo_holds(make_run):
