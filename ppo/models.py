@@ -75,23 +75,15 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def trained_in_fp32(model: torch.nn.Module) -> torch.nn.Module:
-    """An adapted model whose frozen base is held in the compute dtype: its trained parameters (adapters, a
-    classifier head peft copies to train) go back to fp32, where the precision policy keeps what an optimizer
-    updates (a bf16 weight would round most small updates away)."""
+def in_policy_dtypes(model: torch.nn.Module, frozen_dtype: torch.dtype) -> torch.nn.Module:
+    """Trained parameters in fp32, where the precision policy keeps what an optimizer updates (a bf16 weight would
+    round most small updates away): adapters, a classifier head peft copies to train, the top blocks. Frozen ones
+    (an adapter's base, the blocks below `trainable_layers`) in the compute dtype: autocast caches its bf16 copy
+    of a trained weight, but casts a frozen fp32 weight again at every forward, so sampling 32 tokens re-cast 22 of
+    the default's 30 blocks 32 times and ran slower than fp32 on the CPU."""
     for parameter in model.parameters():
-        if parameter.requires_grad:
-            parameter.data = parameter.data.float()
+        parameter.data = parameter.data.to(torch.float32 if parameter.requires_grad else frozen_dtype)
     return model
-
-
-def frozen_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """A model trained in its top blocks only, with everything frozen below them held in the compute dtype.
-    Autocast caches its bf16 copy of a trained weight, but casts a frozen fp32 weight again at every forward:
-    sampling 32 tokens re-cast 22 of the default's 30 blocks 32 times, and ran slower than fp32 on the CPU."""
-    for parameter in model.parameters():
-        if not parameter.requires_grad:
-            parameter.data = parameter.data.to(dtype)
 
 
 def build_models(config: PPOStageConfig, tokenizer: PreTrainedTokenizerBase,
@@ -110,22 +102,22 @@ def build_models(config: PPOStageConfig, tokenizer: PreTrainedTokenizerBase,
 
     if config.uses_adapter():
         adapter = peft_config(config, policy, "CAUSAL_LM", "ppo", PPO_REFUSED, steps, dropout=0.0)
-        policy = trained_in_fp32(get_peft_model(policy, adapter))
+        policy = in_policy_dtypes(get_peft_model(policy, adapter), frozen_dtype)
     else:
         if config.trainable_layers:
             freeze_lower_blocks(policy, config.trainable_layers)
-            frozen_in(policy, frozen_dtype)
+            in_policy_dtypes(policy, frozen_dtype)
         reference = load_causal_lm(config.reference or config.policy).requires_grad_(False).eval()
         for mine, theirs in zip(reference.parameters(), policy.parameters(), strict=True):
             mine.data = mine.data.to(theirs.dtype)
         disable_dropout(reference)
     if critic_adapted:
         critic_options = dataclasses.replace(config, peft_method=config.critic_peft_method)
-        critic = trained_in_fp32(get_peft_model(critic, peft_config(critic_options, critic, "SEQ_CLS", "ppo critic",
-                                                                    PPO_REFUSED, steps, dropout=0.0)))
+        critic = in_policy_dtypes(get_peft_model(critic, peft_config(critic_options, critic, "SEQ_CLS", "ppo critic",
+                                                                     PPO_REFUSED, steps, dropout=0.0)), frozen_dtype)
     elif config.trainable_layers:
         freeze_lower_blocks(critic, config.trainable_layers)
-        frozen_in(critic, frozen_dtype)
+        in_policy_dtypes(critic, frozen_dtype)
     for model in (policy, critic):
         disable_dropout(model)
     return policy, critic, reference
