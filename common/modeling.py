@@ -8,7 +8,6 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    LogitsProcessor,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -17,6 +16,7 @@ from transformers.utils import logging as hf_logging
 from common.adapters import prompt_learning_adapter
 from common.checkpoint import require_checkpoint
 from common.errors import PipelineError
+from common.sampling import sample
 
 NEW_PAD_TOKEN = "<|pad|>"
 
@@ -132,31 +132,11 @@ def freeze_lower_blocks(model: torch.nn.Module, trainable: int) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-class FiniteLogitsGuard(LogitsProcessor):
-    """Sampling from NaN or +inf logits (or a row of nothing but -inf) is a device-side assert in
-    `torch.multinomial` on a GPU, which kills the process with a CUDA traceback. This processor marks such rows
-    on the device (no host sync per token), gives them a harmless distribution so that `generate` finishes, and
-    `check` then raises one error: a reply sampled from broken logits is never used."""
-
-    def __init__(self):
-        self.broken: torch.Tensor | None = None
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        bad = scores.isnan().any(dim=-1) | scores.isposinf().any(dim=-1) | scores.isneginf().all(dim=-1)
-        self.broken = bad.any() if self.broken is None else self.broken | bad.any()
-        return scores.masked_fill(bad[:, None], 0.0)
-
-    def check(self, what: str) -> None:
-        if self.broken is not None and bool(self.broken):
-            raise PipelineError(f"{what}: the model's logits turned NaN or infinite while sampling; its weights or "
-                                "activations overflowed (check the precision, lower the learning rate); nothing "
-                                "sampled from them was kept")
-
-
 @torch.inference_mode()
 def generate_reply_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
                        max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
-                       num_return_sequences: int = 1, what: str = "generate") -> list[list[int]]:
+                       num_return_sequences: int = 1, what: str = "generate",
+                       backend: str = "eager") -> list[list[int]]:
     """Token ids of chat replies to single-turn prompts (left-padded batch, KV cache), each cut after its
     first EOS (kept) or at `max_new_tokens`. Replies to prompt i are rows i*n .. i*n+n-1. Callers choose the
     number format (`Compute.autocast`); `what` names the caller in the error about broken logits."""
@@ -166,27 +146,20 @@ def generate_reply_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     was_training = model.training
     model.eval()
-    guard = FiniteLogitsGuard()
-    output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                            temperature=temperature if do_sample else None, top_k=None, top_p=None,
-                            num_return_sequences=num_return_sequences, logits_processor=[guard],
-                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    replies = sample(model, batch["input_ids"].repeat_interleave(num_return_sequences, dim=0),
+                     batch["attention_mask"].repeat_interleave(num_return_sequences, dim=0), max_new_tokens,
+                     tokenizer.eos_token_id, tokenizer.pad_token_id, temperature if do_sample else 0.0, backend, what)
     model.train(was_training)
-    guard.check(what)
-    replies = []
-    for row in output[:, batch["input_ids"].shape[1]:].tolist():
-        # Finished rows are filled with pad ids after EOS; a reply without EOS used all its tokens.
-        end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
-        replies.append(row[:end])
-    return replies
+    return [row[:length] for row, length in zip(replies.tokens.tolist(), replies.lengths.tolist(), strict=True)]
 
 
 def generate_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
                      max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
-                     num_return_sequences: int = 1, what: str = "generate") -> tuple[list[str], list[bool]]:
+                     num_return_sequences: int = 1, what: str = "generate",
+                     backend: str = "eager") -> tuple[list[str], list[bool]]:
     """`generate_reply_ids` as text, and whether each reply ended with EOS (False: cut off at the limit)."""
     return decode_replies(tokenizer, generate_reply_ids(model, tokenizer, prompts, max_new_tokens, do_sample,
-                                                        temperature, num_return_sequences, what))
+                                                        temperature, num_return_sequences, what, backend))
 
 
 def decode_replies(tokenizer: PreTrainedTokenizerBase, replies: list[list[int]]) -> tuple[list[str], list[bool]]:

@@ -62,6 +62,21 @@ def precision_option() -> Any:
                                                    "fp32 on the CPU)"})
 
 
+GENERATION_BACKENDS = ("eager", "compiled")
+
+
+def generation_backend_option() -> Any:
+    """The `generation_backend` option of the stages that sample (common/sampling.py has the two backends)."""
+    return field(default="eager", metadata={
+        "help": "eager (a KV cache grown a token at a time) or compiled (a static KV cache and a torch.compile'd "
+                "decode step, CUDA graphs on a GPU: a compile of up to a minute first, then faster tokens)"})
+
+
+def check_generation_backend(backend: str) -> None:
+    if backend not in GENERATION_BACKENDS:
+        raise PipelineError(f"generation_backend must be one of {', '.join(GENERATION_BACKENDS)}, got {backend!r}")
+
+
 @dataclass
 class PreferenceDataOptions:
     """The preference data of the stages that learn from comparisons (the reward model, DPO): the same files,

@@ -23,7 +23,7 @@ from pathlib import Path
 from common.checkpoint import StagedOutput, describe_input, describe_parent, fingerprint, skip_unchanged
 from common.config import parse_config
 from common.errors import PipelineError, run_cli
-from common.options import precision_option
+from common.options import check_generation_backend, generation_backend_option, precision_option
 from data.judges import Judge, load_judge, run_judge
 from data.preferences import PreferencePair, ranking_pairs
 from data.prompts import load_prompts
@@ -42,6 +42,7 @@ class CollectConfig:
     samples_per_prompt: int = field(default=4, metadata={"help": "K replies per prompt, ranked together"})
     max_new_tokens: int = field(default=32, metadata={"help": "reply length limit; longer replies are cut off"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    generation_backend: str = generation_backend_option()
     prompts_per_batch: int = field(default=8, metadata={"help": "prompts per generate call (x K sequences)"})
     precision: str = precision_option()
     min_margin: float = field(default=0.0, metadata={"help": "pairs whose scores differ by no more are dropped"})
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_config(CollectConfig, "prefs", argv)
     if config.samples_per_prompt < 2:
         raise PipelineError(f"samples_per_prompt must be at least 2 to rank replies, got {config.samples_per_prompt}")
+    check_generation_backend(config.generation_backend)
     inputs = {"policy": describe_parent(config.policy), "prompts": describe_input(config.prompts),
               "labeller": describe_input(config.labeller) if Path(config.labeller).is_dir() else config.labeller}
     print_ = fingerprint(config, inputs)

@@ -21,7 +21,7 @@ def sample_candidates(config: CollectConfig, tokenizer: PreTrainedTokenizerBase,
         with compute.autocast():
             replies, finished = generate_replies(model, tokenizer, batch, config.max_new_tokens, do_sample=True,
                                                  temperature=config.temperature, num_return_sequences=k,
-                                                 what="prefs")
+                                                 what="prefs", backend=config.generation_backend)
         rows.extend({"prompt": prompt, "responses": replies[i * k:(i + 1) * k], "finished": finished[i * k:(i + 1) * k]}
                     for i, prompt in enumerate(batch))
     return rows

@@ -7,7 +7,7 @@ from typing import Any
 
 from common.checkpoint import describe_input, describe_parent
 from common.errors import PipelineError
-from common.options import precision_option
+from common.options import generation_backend_option, precision_option
 
 
 @dataclass
@@ -27,6 +27,7 @@ class EvalConfig:
     num_prompts: int = field(default=256, metadata={"help": "the first N prompts of the file (0: all)"})
     max_new_tokens: int = field(default=32, metadata={"help": "reply length limit (as in PPO)"})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature (as in PPO)"})
+    generation_backend: str = generation_backend_option()
     batch_size: int = field(default=16, metadata={"help": "prompts per generate call and per forward pass"})
     max_perplexity_examples: int = field(default=100, metadata={"help": "SFT eval conversations for perplexity"})
     bootstrap_resamples: int = field(default=1000, metadata={"help": "resamples for the 95 percent intervals"})

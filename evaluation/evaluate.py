@@ -39,6 +39,7 @@ from common.modeling import (
     load_tokenizer,
     pad_sequences,
 )
+from common.options import check_generation_backend
 from common.precision import Compute
 from common.reward import RewardScorer, prompt_input_ids
 from data.chat import load_chat_examples
@@ -143,7 +144,8 @@ def sample_replies(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
     for rows in tqdm(by_length(prompt_ids, config.batch_size), desc=f"eval: {name}", unit="batch"):
         with compute.autocast():
             replies = generate_reply_ids(model, tokenizer, [prompts[i] for i in rows], config.max_new_tokens,
-                                         do_sample=True, temperature=config.temperature, what=f"eval: {name}")
+                                         do_sample=True, temperature=config.temperature, what=f"eval: {name}",
+                                         backend=config.generation_backend)
         for row, reply in zip(rows, replies, strict=True):
             ids[row] = reply
     return ids
@@ -219,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     # Validate everything before the long sampling runs: checkpoints, prompts, judge, reward model, SFT data.
     if config.temperature <= 0:
         raise PipelineError(f"temperature must be above 0 (replies are sampled), got {config.temperature}")
+    check_generation_backend(config.generation_backend)
     tokenizers = {name: lend_chat_template(load_tokenizer(path, chat=False), path, checkpoints[config.reference])
                   for name, path in checkpoints.items()}
     prompts = load_prompts(config.prompts, config.prompt_column)

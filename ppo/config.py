@@ -6,7 +6,15 @@ from typing import Any
 
 from common.checkpoint import describe_input, describe_parent
 from common.errors import PipelineError
-from common.options import PROMPT_LEARNING, AdapterOptions, RewardOptions, check_peft_method, precision_option
+from common.options import (
+    PROMPT_LEARNING,
+    AdapterOptions,
+    RewardOptions,
+    check_generation_backend,
+    check_peft_method,
+    generation_backend_option,
+    precision_option,
+)
 
 # Why PPO takes no prompt-learning adapter (its reference could be the policy with the adapter off, but):
 PPO_REFUSED = dict.fromkeys(PROMPT_LEARNING, "it puts virtual tokens in front of every sequence, and PPO's forwards "
@@ -38,6 +46,7 @@ class PPOStageConfig(AdapterOptions, RewardOptions):
                                                                   "prompts are an error"})
     max_new_tokens: int = field(default=32, metadata={"help": "reply length limit"})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature; log-probs use logits / T"})
+    generation_backend: str = generation_backend_option()
     # --- KL penalty
     kl_coef: float = field(default=0.05, metadata={"help": "initial per-token KL penalty coefficient"})
     kl_estimator: str = field(default="k1", metadata={"help": "k1 (log ratio) or k3 (low-variance, non-negative)"})
@@ -97,6 +106,7 @@ def validate(config: PPOStageConfig) -> None:
         raise PipelineError(f"kl_estimator must be k1 or k3, got {config.kl_estimator!r}")
     if config.temperature <= 0:
         raise PipelineError(f"temperature must be above 0 (log-probs divide by it), got {config.temperature}")
+    check_generation_backend(config.generation_backend)
     if config.ptx_coef and not config.ptx_data:
         raise PipelineError("ptx_coef > 0 needs ptx_data: the SFT data to keep fitting (e.g. the SFT train file)")
     if config.reference and config.uses_adapter():

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from common.modeling import FiniteLogitsGuard, pad_sequences
+from common.modeling import pad_sequences
 from common.precision import Compute
+from common.sampling import sample
 from ppo.config import PPOStageConfig
 from ppo.core import token_logprobs, token_logprobs_and_entropy
 from ppo.models import PolicyAndCritic, reply_logits
@@ -40,8 +41,8 @@ class Rollout:
         return ids, mask, positions, reply_width
 
 
-def pad_right(rows: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.nn.functional.pad(rows, (0, width - rows.shape[1]))
+def pad_right(rows: torch.Tensor, width: int, value: int = 0) -> torch.Tensor:
+    return torch.nn.functional.pad(rows, (0, width - rows.shape[1]), value=value)
 
 
 # Rollout tensors feed the losses later, so they are made under no_grad, not inference_mode (autograd
@@ -58,29 +59,21 @@ def sample_replies(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     prompts, prompt_mask, context = prompts.to(device), prompt_mask.to(device), prompts.shape[1]
     chunks = []
     policy.eval()
-    guard = FiniteLogitsGuard()
     for start in range(0, len(prompt_ids), config.generation_batch_size):
         rows = slice(start, start + config.generation_batch_size)
         torch.manual_seed(seed + start)
         with compute.autocast():
-            output = policy.generate(input_ids=prompts[rows], attention_mask=prompt_mask[rows], do_sample=True,
-                                     temperature=config.temperature, top_k=None, top_p=None,
-                                     max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                     eos_token_id=tokenizer.eos_token_id, logits_processor=[guard])
-        chunks.append(output[:, context:])
+            chunks.append(sample(policy, prompts[rows], prompt_mask[rows], config.max_new_tokens,
+                                 tokenizer.eos_token_id, tokenizer.pad_token_id, config.temperature,
+                                 config.generation_backend, what="ppo"))
     policy.train()
-    guard.check("ppo")
-    width = max(chunk.shape[1] for chunk in chunks)
-    replies = torch.cat([pad_right(chunk, width) for chunk in chunks])
-    # A reply's length runs to its first EOS inclusive, else to the length limit. Lengths, not a pad-id
-    # test, mark the reply: the model may sample the pad token's id as an ordinary token.
-    is_eos = replies == tokenizer.eos_token_id
-    finished = is_eos.any(dim=1)
-    lengths = torch.where(finished, is_eos.int().argmax(dim=1) + 1, torch.full_like(finished, width, dtype=torch.long))
+    width = max(chunk.tokens.shape[1] for chunk in chunks)
+    replies = torch.cat([pad_right(chunk.tokens, width, tokenizer.pad_token_id) for chunk in chunks])
+    # Lengths, not a pad-id test, mark the reply: the model may sample the pad token's id as an ordinary token.
+    lengths = torch.cat([chunk.lengths for chunk in chunks])
     reply_mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()
-    replies = torch.where(reply_mask.bool(), replies, tokenizer.pad_token_id)
     return Rollout(torch.cat([prompts, replies], dim=1), torch.cat([prompt_mask, reply_mask], dim=1), context,
-                   reply_mask.float(), finished)
+                   reply_mask.float(), torch.cat([chunk.finished for chunk in chunks]))
 
 
 @torch.no_grad()

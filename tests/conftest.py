@@ -9,9 +9,11 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import LlamaConfig
 
 from common.precision import Compute
 
@@ -19,6 +21,25 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 # What tests that score or sample in-process run under: the CPU in fp32, whatever the machine has.
 CPU = Compute(torch.device("cpu"), "fp32")
+
+
+class ScriptedPolicy(torch.nn.Module):
+    """A causal LM whose logits put all their mass on fixed reply tokens, row by row: where replies end is then
+    known. A forward from cache position 0 is a new chunk's prompt."""
+
+    def __init__(self, replies: torch.Tensor, vocab_size: int):
+        super().__init__()
+        self.replies, self.vocab_size = replies, vocab_size
+        self.config = LlamaConfig(vocab_size=vocab_size, hidden_size=8, num_hidden_layers=1, num_attention_heads=1)
+        self.first_row, self.rows, self.step = 0, 0, 0
+
+    def forward(self, input_ids, cache_position, **kwargs):
+        if cache_position[0] == 0:
+            self.first_row, self.rows, self.step = self.first_row + self.rows, len(input_ids), 0
+        tokens = self.replies[self.first_row:self.first_row + self.rows, self.step]
+        self.step += 1
+        logits = torch.full((self.rows, 1, self.vocab_size), -1e4).scatter(2, tokens[:, None, None], 0.0)
+        return SimpleNamespace(logits=logits)
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -14,7 +14,17 @@ from ppo.core import generalized_advantages, kl_estimate, masked_whiten, token_l
 from ppo.models import PolicyAndCritic, build_models
 from ppo.rollout import sample_replies, score_rollout
 from ppo.train import main
-from tests.conftest import CPU, REWARD_MODULE, TINY, kill_when, one_error_line, run_in_process, run_module, write_jsonl
+from tests.conftest import (
+    CPU,
+    REWARD_MODULE,
+    TINY,
+    ScriptedPolicy,
+    kill_when,
+    one_error_line,
+    run_in_process,
+    run_module,
+    write_jsonl,
+)
 
 
 def ppo_args(run, output, *extra: str) -> list[str]:
@@ -54,19 +64,6 @@ def test_kl_estimators():
     assert (kl_estimate(logprobs, ref, "k3") >= 0).all()
 
 
-class ScriptedPolicy(torch.nn.Module):
-    """Stands in for `generate`: replies with fixed tokens, to check where replies end."""
-
-    def __init__(self, replies: torch.Tensor):
-        super().__init__()
-        self.replies, self.next = replies, 0
-
-    def generate(self, input_ids, **kwargs):
-        rows = self.replies[self.next:self.next + len(input_ids)]
-        self.next += len(input_ids)
-        return torch.cat([input_ids, rows], dim=1)
-
-
 def test_replies_are_cut_after_the_first_eos_and_rewarded_there(make_run):
     tokenizer = AutoTokenizer.from_pretrained(make_run / "sft")
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -74,7 +71,7 @@ def test_replies_are_cut_after_the_first_eos_and_rewarded_there(make_run):
     # limit without EOS; reply 2 samples the pad id as an ordinary token, which must stay part of it.
     scripted = torch.tensor([[5, eos, 7, 8], [5, 6, 7, 8], [pad, 6, eos, 8]])
     config = PPOStageConfig(max_new_tokens=4, generation_batch_size=2)
-    rollout = sample_replies(ScriptedPolicy(scripted), tokenizer, [[1, 2, 3], [4], [9, 9]], config,
+    rollout = sample_replies(ScriptedPolicy(scripted, len(tokenizer)), tokenizer, [[1, 2, 3], [4], [9, 9]], config,
                              CPU, seed=0)
     assert rollout.context == 3
     assert rollout.reply_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]]
