@@ -3,6 +3,7 @@ of repeated runs and the facts of the machine they ran on."""
 
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -58,3 +59,25 @@ def machine_facts() -> dict:
         "platform": platform.platform(),
         **{name: metadata.version(name) for name in ("transformers", "trl", "accelerate", "peft")},
     }
+
+
+class GpuMonitor:
+    """Mean GPU utilisation over a `with` block, from `nvidia-smi` sampling every 100 ms in a child process;
+    None on a machine without an NVIDIA GPU (or a block too short for one sample)."""
+
+    def __enter__(self) -> "GpuMonitor":
+        self.mean_utilisation: float | None = None
+        self.process = None
+        if shutil.which("nvidia-smi"):
+            gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]  # the one torch calls cuda:0
+            query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100",
+                     "-i", gpu]
+            self.process = subprocess.Popen(query, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        samples = [float(line) for line in self.process.communicate()[0].split() if line.replace(".", "").isdigit()]
+        self.mean_utilisation = statistics.fmean(samples) if samples else None
