@@ -13,7 +13,10 @@ What is measured (each run its own process, ours and the other side alternating,
   bench/plain_trl.py) on the tiny model of configs/tiny.yaml, and SFT once more on the embedded SmolLM2-135M
   for a few steps (`--smollm2_steps`, about 40 s a run): the tiny model's matmuls are 64 wide and its time
   goes to the softmax over 49k tokens and per-step overheads, so only a real model shows real utilisation;
-- PPO episodes/s, full fine-tune and LoRA: bench/ppo_vs_trl.py against trl 1.12 (its own venv);
+- PPO episodes/s, full fine-tune and LoRA: bench/ppo_vs_trl.py against trl 1.12 (its own venv), on the tiny
+  model and, where a GPU is present, on SmolLM2-135M at GPU sizes (with peak GPU memory and utilisation);
+- sampling tokens/s of SmolLM2-135M, our eager and compiled backends against transformers' `generate`
+  (bench/sampling.py, in its own process; not with --quick);
 - peak resident memory of every run (wait4 ru_maxrss of the process);
 - FLOP/s utilisation: 6 N tokens/s (bench/flops.py says what N is) over the median fp32 matmul FLOP/s of this
   CPU at torch's default threads.
@@ -26,6 +29,7 @@ import sys
 from collections.abc import Callable
 
 import ppo_vs_trl
+import torch
 from flops import matmul_peak
 from harness import DEFAULT, ROOT, TINY, WORK, machine_facts, run
 from train_vs_trl import TrainingBench, benchmark
@@ -67,13 +71,24 @@ def training_rows(label: str, result: dict, peak_flops: float) -> list[dict]:
     ]
 
 
-def ppo_rows(results: dict) -> list[dict]:
+def ppo_rows(results: dict, model: str) -> list[dict]:
     rows = []
-    for mode, label in (("full", "PPO full fine-tune, tiny"), ("lora", "PPO LoRA r16, tiny")):
+    for mode, label in (("full", f"PPO full fine-tune, {model}"), ("lora", f"PPO LoRA r16, {model}")):
         ours, trl = results["modes"][mode]["median"]["ours"], results["modes"][mode]["median"]["trl"]
         rows += [row(f"{label}: episodes/s", ours["episodes_per_second"], trl["episodes_per_second"], "{:.2f}".format),
                  row(f"{label}: peak MiB", ours["peak_mib"], trl["peak_mib"], "{:.0f}".format)]
+        if "peak_gpu_gib" in ours:
+            rows.append(row(f"{label}: peak GPU GiB", ours["peak_gpu_gib"], trl["peak_gpu_gib"], "{:.1f}".format))
+        if "gpu_utilisation" in ours and "gpu_utilisation" in trl:
+            rows.append(row(f"{label}: mean GPU utilisation", ours["gpu_utilisation"], trl["gpu_utilisation"],
+                            "{:.0f}%".format))
     return rows
+
+
+def sampling_rows(results: dict) -> list[dict]:
+    return [row(f"Sampling {size}, SmolLM2-135M, {backend} vs generate: tokens/s", result[backend]["tokens_per_second"],
+                result["generate"]["tokens_per_second"], "{:.0f}".format)
+            for size, result in results["results"].items() for backend in ("eager", "compiled")]
 
 
 def print_table(rows: list[dict], peak: dict, machine: dict) -> None:
@@ -84,7 +99,8 @@ def print_table(rows: list[dict], peak: dict, machine: dict) -> None:
     print("\n| benchmark | ours | other side | ours / other |\n| --- | --- | --- | --- |")
     for entry in rows:
         print(f"| {entry['row']} | {entry['ours_text']} | {entry['trl_text']} | {entry['ratio']:.2f}x |")
-    print(f"\nother side: a plain trl {machine['trl']} script (SFT, RM), trl 1.12's PPOTrainer (PPO). Ratios above 1 "
+    print(f"\nother side: a plain trl {machine['trl']} script (SFT, RM), trl 1.12's PPOTrainer (PPO), transformers' "
+          "`generate` (sampling). Ratios above 1 "
           "favour ours in speed and FLOP/s rows, below 1 in memory rows.")
 
 
@@ -110,6 +126,14 @@ def main() -> None:
 
     training = {bench.name: benchmark(bench, repeats) for bench in training_benches(options.quick, smollm2_steps)}
     ppo = ppo_vs_trl.benchmark(repeats, ppo_updates)
+    gpu = torch.cuda.is_available()
+    ppo_smollm2 = ppo_vs_trl.benchmark(repeats, ppo_updates, "smollm2") if gpu else None
+    sampling = None
+    if not options.quick:
+        sampling_json = WORK / "sampling.json"
+        run([sys.executable, str(ROOT / "bench" / "sampling.py"), "--repeats", str(repeats),
+             "--batches", "16,128" if gpu else "16,64", "--output", str(sampling_json)])
+        sampling = json.loads(sampling_json.read_text())
     machine["load_average_at_end"] = os.getloadavg()
     # Measured before and after, the better one counts: other work on the machine during one of them would
     # otherwise understate the peak and overstate every utilisation.
@@ -118,12 +142,17 @@ def main() -> None:
             "peak_flops_before_and_after": [before["peak_flops"], after["peak_flops"]]}
 
     rows = [entry for name, result in training.items()
-            for entry in training_rows(LABELS[name], result, peak["peak_flops"])] + ppo_rows(ppo)
+            for entry in training_rows(LABELS[name], result, peak["peak_flops"])] + ppo_rows(ppo, "tiny")
+    if ppo_smollm2:
+        rows += ppo_rows(ppo_smollm2, "SmolLM2-135M")
+    if sampling:
+        rows += sampling_rows(sampling)
     print_table(rows, peak, machine)
     results = {
         "settings": {"repeats": repeats, "quick": options.quick, "smollm2_steps": smollm2_steps,
                      "ppo_updates": ppo_updates},
-        "machine": machine, "matmul_peak": peak, "training": training, "ppo": ppo,
+        "machine": machine, "matmul_peak": peak, "training": training, "ppo": ppo, "ppo_smollm2": ppo_smollm2,
+        "sampling": sampling,
         "table": rows,
     }
     with open(options.output, "w") as handle:

@@ -1,5 +1,6 @@
 """One run of trl 1.12's `trl.experimental.ppo.PPOTrainer`, executed by `bench/ppo_vs_trl.py` inside the
-throwaway venv that holds trl 1.12. Prints one JSON line: episodes, seconds in `train()`.
+throwaway venv that holds trl 1.12. Prints one JSON line: episodes, seconds in `train()` and, on a GPU, the peak
+allocated GPU memory in GiB.
 
 Usage (the benchmark calls it): bench/.venv-trl112/bin/python bench/trl_ppo_worker.py '<json settings>'
 """
@@ -9,6 +10,7 @@ import sys
 import tempfile
 import time
 
+import torch
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -45,7 +47,7 @@ def main() -> None:
             num_sample_generations=0,
             save_strategy="no",
             report_to=[],
-            bf16=False,
+            bf16=settings["precision"] == "bf16",
             seed=settings["seed"],
         )
         peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
@@ -55,7 +57,10 @@ def main() -> None:
         started = time.time()
         trainer.train()
         seconds = time.time() - started
-    print(json.dumps({"episodes": settings["episodes"], "seconds": seconds}))
+    result = {"episodes": settings["episodes"], "seconds": seconds}
+    if torch.cuda.is_available():
+        result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -176,7 +176,8 @@ def ppo_update(run: PPORun, update: int, print_: str) -> dict:
                     "episodes": first + config.rollout_batch_size,
                     **{f"time/{phase}": seconds for phase, seconds in phases.items()},
                     "time/update": times[-1] - times[0],
-                    "episodes_per_second": config.rollout_batch_size / (times[-1] - times[0])})
+                    "episodes_per_second": config.rollout_batch_size / (times[-1] - times[0]),
+                    **peak_memory(run.compute)})
     run.progress.update = done = update + 1
     if config.eval_every and (done % config.eval_every == 0 or done == config.num_updates):
         metrics.update(held_out(run))
@@ -189,6 +190,14 @@ def ppo_update(run: PPORun, update: int, print_: str) -> dict:
     if config.save_every and done % config.save_every == 0 and done < config.num_updates:
         save_checkpoint(run.accelerator, run.staging, done, print_)
     return metrics
+
+
+def peak_memory(compute: Compute) -> dict[str, float]:
+    """The accelerator's high-water mark of allocated memory so far, in GiB (what fits is the question a GPU
+    user asks); nothing on the CPU, whose resident memory the operating system reports."""
+    if compute.device.type != "cuda":
+        return {}
+    return {"memory/peak_allocated_gib": torch.cuda.max_memory_allocated(compute.device) / 2 ** 30}
 
 
 def clock(compute: Compute) -> float:
@@ -400,6 +409,7 @@ def finish(run: PPORun, output: StagedOutput, inputs: dict, print_: str, metrics
             "episodes_per_second": episodes / seconds if seconds else 0.0,
             "kl_coef": run.kl.coef,
             "samples": metrics.get("samples", []),
+            **peak_memory(run.compute),
         }
         # The critic's folder carries its own small manifest: what it started from and whose critic it is.
         (run.staging / "value" / "pipeline.json").write_text(json.dumps(

@@ -257,3 +257,13 @@ def test_more_processes_than_gpus_is_one_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(PipelineError, match="2 processes on this machine but 1 GPU"):
         common.distributed.start_processes()
+
+
+def test_ppo_logs_the_gpu_memory_high_water_mark_on_a_gpu_only(monkeypatch):
+    from ppo.train import peak_memory
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: asked.append(device) or 3 * 2 ** 29)
+    assert peak_memory(Compute(torch.device("cuda", 0), "bf16")) == {"memory/peak_allocated_gib": 1.5}
+    assert asked == [torch.device("cuda", 0)]
+    assert peak_memory(CPU) == {}
