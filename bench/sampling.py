@@ -63,6 +63,8 @@ def timed(call: Callable[[], None]) -> float:
 def measure(model, tokenizer, rows: int, new_tokens: int, repeats: int, compute: Compute) -> dict:
     calls = {backend: sampler(model, tokenizer, backend, rows, new_tokens, compute) for backend in BACKENDS}
     first = {backend: timed(call) for backend, call in calls.items()}
+    print(f"bench: {rows} x {new_tokens}: first calls (compiled: its compile) "
+          + ", ".join(f"{backend} {seconds:.1f} s" for backend, seconds in first.items()), flush=True)
     seconds: dict[str, list[float]] = {backend: [] for backend in BACKENDS}
     utilisation: dict[str, list[float]] = {backend: [] for backend in BACKENDS}
     peak: dict[str, float] = {}
@@ -76,6 +78,8 @@ def measure(model, tokenizer, rows: int, new_tokens: int, repeats: int, compute:
                 utilisation[backend].append(monitor.mean_utilisation)
             if compute.device.type == "cuda":
                 peak[backend] = torch.cuda.max_memory_allocated() / 2 ** 20
+        print(f"bench: {rows} x {new_tokens}: " + ", ".join(f"{backend} {times[-1]:.2f} s"
+                                                           for backend, times in seconds.items()), flush=True)
     result = {}
     for backend in BACKENDS:
         median = statistics.median(seconds[backend])
