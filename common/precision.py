@@ -2,10 +2,11 @@
 
 The policy (README, "Precision"): trained weights and optimizer state are fp32; forward and backward passes run
 under autocast in the compute dtype (bf16 on a GPU that has it). Models that only run forward (reward models and
-judges, the models of `make prefs`, `make eval` and `make score`, the frozen base under a PPO adapter) are stored
-in the compute dtype: half the memory, the same matmuls. The one exception is a full fine-tune's PPO reference,
-stored like the policy it is compared with, so that identical weights give identical log-probs, bit for bit, and
-the KL penalty starts at exactly 0. Log-softmax, values, rewards and losses are fp32.
+judges, the models of `make prefs`, `make eval` and `make score`) and the frozen weights of a trained one (the base
+under an adapter, the blocks below `trainable_layers`, in every stage) are stored in the compute dtype: half the
+memory, the same matmuls. The one exception is a reference (PPO's, DPO's, RLOO's), stored parameter by parameter
+like the policy it is compared with, so that identical weights give identical log-probs, bit for bit, and the KL
+penalty starts at exactly 0. Log-softmax, values, rewards and losses are fp32.
 """
 
 from contextlib import AbstractContextManager

@@ -1,6 +1,7 @@
-"""What the two trl-trained stages (SFT, reward model) share: trainer options and their translation into
-`transformers.TrainingArguments` keywords, resuming a killed run, stopping a diverged one, and saving the
-trained model (whole, even when DeepSpeed ZeRO-3 or FSDP sharded it) per the checkpoint contract."""
+"""What the trl-trained stages (SFT, reward model, DPO, RLOO) share: trainer options and their translation into
+`transformers.TrainingArguments` keywords, the precision policy's dtypes, resuming a killed run, stopping a diverged
+one, and saving the trained model (whole, even when DeepSpeed ZeRO-3 or FSDP sharded it) per the checkpoint
+contract."""
 
 import json
 import math
@@ -16,7 +17,9 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from common.checkpoint import RESUME, StagedOutput
 from common.distributed import open_output, output_bytes
 from common.errors import PipelineError
+from common.modeling import in_policy_dtypes, stored_like
 from common.options import TrainerOptions
+from common.precision import Compute
 
 
 def open_for_training(output: StagedOutput, state: PartialState, print_: str, model: PreTrainedModel,
@@ -41,6 +44,23 @@ def open_for_training(output: StagedOutput, state: PartialState, print_: str, mo
         if resume is not None:
             drop_metrics_after(staging / "metrics.jsonl", states[resume])
     return staging, str(resume) if resume else None
+
+
+def frozen_in_compute_dtype(trainer: Trainer, compute: Compute, stage: str) -> None:
+    """The precision policy on a built trainer, before it trains: what it trains stays fp32, what it only runs
+    forward (an adapter's base, the blocks below `trainable_layers`) goes to the compute dtype (half the memory in
+    bf16, and no re-cast by autocast at every forward), and a reference the trainer holds is laid out like the
+    policy. DeepSpeed and FSDP flatten parameters into shards of one dtype (ZeRO-3 fails on a mix): there all stay
+    fp32, and their engines keep the compute-dtype copies."""
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        return
+    in_policy_dtypes(trainer.model, compute.dtype)
+    if getattr(trainer, "ref_model", None) is not None:
+        stored_like(trainer.ref_model, trainer.model)
+    frozen = sum(p.numel() for p in trainer.model.parameters() if not p.requires_grad)
+    if frozen and compute.dtype != torch.float32:
+        PartialState().print(f"{stage}: {frozen:,} frozen parameters held in {compute.precision}, the trained ones "
+                             "in fp32")
 
 
 def drop_metrics_after(path: Path, trainer_state: dict) -> None:
@@ -78,7 +98,11 @@ def save_trained_model(trainer: Trainer, staging: Path, options: TrainerOptions,
                        load: Callable[[str], PreTrainedModel]) -> PreTrainedModel | None:
     """Write the trained model into `staging` and return it reloaded from there (main process; None on the
     others). The trainer's save gathers ZeRO-3/FSDP shards into one plain checkpoint; an adapter is merged
-    into the `initial` weights unless the method or `merge: false` keeps it. Reloading proves the folder loads."""
+    into the `initial` weights unless the method or `merge: false` keeps it; blocks held in the compute dtype below
+    `trainable_layers` never changed, and get back the fp32 weights they came from (not their bf16 rounding, which
+    would read as a change). Reloading proves the folder loads."""
+    frozen = [name for name, parameter in trainer.model.named_parameters()
+              if not parameter.requires_grad and parameter.dtype != torch.float32]
     trainer.save_model(str(staging))
     # Training is over: models loaded from here on are whole, not built as ZeRO-3 shards (which would wait
     # for the other processes to load their share too).
@@ -95,4 +119,8 @@ def save_trained_model(trainer: Trainer, staging: Path, options: TrainerOptions,
         for adapter_file in staging.glob("adapter_*"):
             adapter_file.unlink()
         merged.save_pretrained(staging)
+    elif frozen and not options.uses_adapter():
+        saved, source = load(str(staging)), load(initial).state_dict()
+        saved.load_state_dict({**saved.state_dict(), **{name: source[name] for name in frozen}})
+        saved.save_pretrained(staging)
     return load(str(staging)).to(trainer.args.device)

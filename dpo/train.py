@@ -33,7 +33,7 @@ from common.modeling import freeze_lower_blocks, generate_replies, load_causal_l
 from common.options import POLICY_REFUSED
 from common.precision import Compute
 from common.reward import prompt_input_ids, reply_input_ids
-from common.training import StopOnNonFinite, open_for_training, save_trained_model
+from common.training import StopOnNonFinite, frozen_in_compute_dtype, open_for_training, save_trained_model
 from data.preferences import PreferencePair, check_prompt_lengths, split_preferences
 from dpo.config import DPOStageConfig, stage_inputs, validate
 
@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         peft_config=adapter,
         callbacks=[JsonlMetricsCallback(staging / "metrics.jsonl"), StopOnNonFinite("dpo"), AdaLoraBudget()],
     )
+    frozen_in_compute_dtype(trainer, compute, "dpo")
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     state.print(f"dpo: {len(train)} train / {len(evaluation)} held-out pairs, loss {config.loss_type}, beta "
                 f"{config.beta}, {state.num_processes} process(es), {config.peft_method} ({trainable:,} trainable "

@@ -9,7 +9,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from common.adapters import peft_config
 from common.errors import PipelineError
-from common.modeling import freeze_lower_blocks, load_causal_lm, load_reward_model, load_tokenizer
+from common.modeling import (
+    freeze_lower_blocks,
+    in_policy_dtypes,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    stored_like,
+)
 from ppo.config import PPO_REFUSED, PPOStageConfig
 
 
@@ -75,17 +82,6 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def in_policy_dtypes(model: torch.nn.Module, frozen_dtype: torch.dtype) -> torch.nn.Module:
-    """Trained parameters in fp32, where the precision policy keeps what an optimizer updates (a bf16 weight would
-    round most small updates away): adapters, a classifier head peft copies to train, the top blocks. Frozen ones
-    (an adapter's base, the blocks below `trainable_layers`) in the compute dtype: autocast caches its bf16 copy
-    of a trained weight, but casts a frozen fp32 weight again at every forward, so sampling 32 tokens re-cast 22 of
-    the default's 30 blocks 32 times and ran slower than fp32 on the CPU."""
-    for parameter in model.parameters():
-        parameter.data = parameter.data.to(torch.float32 if parameter.requires_grad else frozen_dtype)
-    return model
-
-
 def build_models(config: PPOStageConfig, tokenizer: PreTrainedTokenizerBase,
                  frozen_dtype: torch.dtype = torch.float32):
     """Policy, critic and (unless an adapter makes it the policy with its adapter off) a frozen reference.
@@ -107,9 +103,7 @@ def build_models(config: PPOStageConfig, tokenizer: PreTrainedTokenizerBase,
         if config.trainable_layers:
             freeze_lower_blocks(policy, config.trainable_layers)
             in_policy_dtypes(policy, frozen_dtype)
-        reference = load_causal_lm(config.reference or config.policy).requires_grad_(False).eval()
-        for mine, theirs in zip(reference.parameters(), policy.parameters(), strict=True):
-            mine.data = mine.data.to(theirs.dtype)
+        reference = stored_like(load_causal_lm(config.reference or config.policy).requires_grad_(False).eval(), policy)
         disable_dropout(reference)
     if critic_adapted:
         critic_options = dataclasses.replace(config, peft_method=config.critic_peft_method)

@@ -35,7 +35,7 @@ from common.modeling import freeze_lower_blocks, load_reward_model, load_tokeniz
 from common.options import PROMPT_LEARNING
 from common.precision import Compute
 from common.reward import RewardScorer
-from common.training import StopOnNonFinite, open_for_training, save_trained_model
+from common.training import StopOnNonFinite, frozen_in_compute_dtype, open_for_training, save_trained_model
 from data.preferences import PreferencePair, check_prompt_lengths, prompt_key, split_preferences
 from reward_model.config import RewardStageConfig, stage_inputs
 from reward_model.grouped import GroupCollator, GroupedRewardTrainer, tokenize_groups
@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         peft_config=adapter,  # SEQ_CLS keeps the new score head fully trainable
         callbacks=[JsonlMetricsCallback(staging / "metrics.jsonl"), StopOnNonFinite("rm"), AdaLoraBudget()],
     )
+    frozen_in_compute_dtype(trainer, compute, "rm")
     if config.head_learning_rate:
         # The score head starts from random weights next to a trained backbone: at the backbone's small
         # learning rate it barely moves in a short run, so it gets its own, larger one.

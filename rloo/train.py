@@ -35,7 +35,7 @@ from common.modeling import freeze_lower_blocks, load_causal_lm, load_tokenizer
 from common.options import POLICY_REFUSED
 from common.precision import Compute
 from common.reward import prompt_input_ids
-from common.training import StopOnNonFinite, open_for_training, save_trained_model
+from common.training import StopOnNonFinite, frozen_in_compute_dtype, open_for_training, save_trained_model
 from ppo.inputs import tokenized_prompts
 from ppo.models import disable_dropout
 from ppo.rewards import RewardSource, combine_scores, load_reward_sources
@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         peft_config=adapter,
         callbacks=[JsonlMetricsCallback(staging / "metrics.jsonl"), StopOnNonFinite("rloo"), AdaLoraBudget()],
     )
+    frozen_in_compute_dtype(trainer, compute, "rloo")
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     state.print(f"rloo: {len(prompts)} prompts x {config.num_generations} replies, {steps} steps of "
                 f"{prompts_per_step} prompts, {state.num_processes} process(es), {config.peft_method} ({trainable:,} "

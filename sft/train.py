@@ -33,7 +33,7 @@ from common.distributed import start_processes
 from common.metrics import JsonlMetricsCallback
 from common.modeling import generate_replies, load_causal_lm, load_tokenizer
 from common.precision import Compute
-from common.training import StopOnNonFinite, open_for_training, save_trained_model
+from common.training import StopOnNonFinite, frozen_in_compute_dtype, open_for_training, save_trained_model
 from data.chat import load_chat_examples, split_train_eval
 from sft.config import SFTStageConfig, stage_inputs
 
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         peft_config=adapter,
         callbacks=[JsonlMetricsCallback(staging / "metrics.jsonl"), StopOnNonFinite("sft"), AdaLoraBudget()],
     )
+    frozen_in_compute_dtype(trainer, compute, "sft")
     if config.peft_method == "p_tuning":
         start_prefix_from_tokens(trainer.model, torch.randint(len(tokenizer), (config.num_virtual_tokens,)))
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)

@@ -5,6 +5,7 @@ key (the cause of NaN gradients in bf16 on the GPU), broken logits and accelerat
 import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,11 +57,23 @@ def bf16_runs(tmp_path_factory, tiny_base, make_run) -> dict:
         ("ppo", "--policy", str(make_run / "sft"), "--reward_model", str(make_run / "rm"), "--prompts",
          str(make_run / "data" / "prompts_ppo.jsonl"), "--output_dir", str(tmp / "ppo_top"), "--num_updates", "2",
          "--trainable_layers", "1", "--eval_every", "0"),
+        # The trl stages with frozen weights: an adapter's base, the blocks below trainable_layers.
+        ("sft", "--model", str(tiny_base), "--data", str(chat), "--output_dir", str(tmp / "sft_lora"), "--max_steps",
+         "6", "--peft_method", "lora"),
+        ("reward_model", "--model", str(make_run / "sft"), "--data", str(make_run / "prefs" / "ranked.jsonl"),
+         "--output_dir", str(tmp / "rm_top"), "--max_steps", "8", "--trainable_layers", "1"),
+        ("dpo", "--model", str(make_run / "sft"), "--data", str(make_run / "prefs" / "ranked.jsonl"), "--output_dir",
+         str(tmp / "dpo_top"), "--max_steps", "4", "--logging_steps", "1", "--trainable_layers", "1"),
+        ("rloo", "--policy", str(make_run / "sft"), "--reward_model", str(make_run / "rm"), "--prompts",
+         str(make_run / "data" / "prompts_ppo.jsonl"), "--output_dir", str(tmp / "rloo_top"), "--max_steps", "2",
+         "--trainable_layers", "1"),
     ]
+    printed = {}
     for module, *args in stages:
         result = run_module(module, *bf16, *args, env={"CUDA_VISIBLE_DEVICES": ""})
         assert result.returncode == 0, result.stderr[-3000:]
-    return {"tmp": tmp, "make_run": make_run}
+        printed[Path(args[args.index("--output_dir") + 1]).name] = result.stdout
+    return {"tmp": tmp, "make_run": make_run, "tiny_base": tiny_base, "printed": printed}
 
 
 def manifest_metrics(folder) -> dict:
@@ -172,6 +185,42 @@ def test_ppo_with_adapters_on_a_bf16_base_starts_at_kl_zero_and_merges_its_updat
     assert moved and all("proj" in name for name in moved)  # only the adapted projections changed
     assert all(not torch.equal(policy.state_dict()[name], policy.state_dict()[name].to(torch.bfloat16).float())
                for name in moved)  # by updates finer than bf16 resolves: merged in fp32
+
+
+def changed_weights(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    return {name for name, weight in after.items() if name in before and not torch.equal(weight, before[name])}
+
+
+@pytest.mark.parametrize("run", ["sft_lora", "rm_top", "dpo_top", "rloo_top"])
+def test_trl_stages_hold_frozen_weights_in_bf16_and_write_back_what_they_trained_in_fp32(bf16_runs, run):
+    """SFT with LoRA, and RM, DPO and RLOO trained in their top block, hold what they do not train in bf16. Their
+    checkpoints carry the frozen weights they started from bit for bit (an adapter merged into the fp32 base,
+    frozen blocks written back from their fp32 source) and the trained ones at fp32 resolution."""
+    assert "frozen parameters held in bf16, the trained ones in fp32" in bf16_runs["printed"][run]
+    tmp, make_run = bf16_runs["tmp"], bf16_runs["make_run"]
+    start = bf16_runs["tiny_base"] if run == "sft_lora" else make_run / "sft"
+    load = AutoModelForSequenceClassification if run == "rm_top" else AutoModelForCausalLM
+    trained = load.from_pretrained(tmp / run, **({"num_labels": 1} if run == "rm_top" else {}))
+    assert trained.dtype == torch.float32
+    after = trained.state_dict()
+    moved = changed_weights(AutoModelForCausalLM.from_pretrained(start).state_dict(), after)
+    if run == "sft_lora":
+        assert moved and all("proj" in name for name in moved)  # only the adapted projections
+    else:
+        assert moved and all(name.startswith(("model.layers.1.", "model.norm.", "lm_head.")) for name in moved)
+    assert all(not torch.equal(after[name], after[name].to(torch.bfloat16).float()) for name in moved)
+
+
+def test_dpo_and_rloo_references_are_laid_out_like_their_policies(bf16_runs):
+    """With the policy's frozen blocks in bf16, the reference's are too: DPO's implicit rewards and RLOO's KL
+    start at exactly 0."""
+    dpo = [json.loads(line) for line in (bf16_runs["tmp"] / "dpo_top" / "metrics.jsonl").read_text().splitlines()]
+    first = next(row for row in dpo if "rewards/margins" in row)
+    assert first["rewards/chosen"] == 0.0 and first["rewards/margins"] == 0.0
+    assert any(row.get("rewards/margins", 0.0) != 0.0 for row in dpo[1:])
+    rloo = [json.loads(line) for line in (bf16_runs["tmp"] / "rloo_top" / "metrics.jsonl").read_text().splitlines()]
+    kls = [row["kl"] for row in rloo if "kl" in row]
+    assert kls[0] == 0.0 and all(math.isfinite(kl) for kl in kls)
 
 
 def test_ppo_forwards_leave_no_attention_row_without_a_key(make_run, monkeypatch):
