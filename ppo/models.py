@@ -1,6 +1,7 @@
 """The four networks of PPO: the policy and critic that learn (one module, one optimizer), the frozen
 reference, and the forward passes that read logits and values at the reply's positions."""
 
+import contextlib
 import dataclasses
 
 import torch
@@ -18,6 +19,7 @@ from common.modeling import (
     stored_like,
 )
 from ppo.config import PPO_REFUSED, PPOStageConfig
+from ppo.top_blocks import from_block
 
 
 def attention_without_empty_rows(model: PreTrainedModel, mask: torch.Tensor) -> torch.Tensor:
@@ -42,31 +44,40 @@ def attention_without_empty_rows(model: PreTrainedModel, mask: torch.Tensor) -> 
     return torch.zeros(allowed.shape, device=mask.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
-def reply_logits(policy: PreTrainedModel, input_ids, attention_mask, position_ids, reply_width: int) -> torch.Tensor:
+def reply_logits(policy: PreTrainedModel, input_ids, attention_mask, position_ids, reply_width: int,
+                 start: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Logits at the positions that predict the reply's tokens (the one before each; the reply fills the
     last `reply_width` columns). `logits_to_keep` skips the LM head over the prompt: with a 49k-token
-    vocabulary that head is a large share of a small model's compute."""
-    return policy(input_ids=input_ids, attention_mask=attention_without_empty_rows(policy, attention_mask),
-                  position_ids=position_ids, use_cache=False, logits_to_keep=reply_width + 1).logits[:, :-1]
+    vocabulary that head is a large share of a small model's compute. With `start` (a block's index and the
+    rollout's kept input of it, `ppo/top_blocks.py`) only the blocks from there up run."""
+    tokens = {"input_ids": input_ids} if start is None else {"inputs_embeds": start[1]}
+    with contextlib.nullcontext() if start is None else from_block(policy, start[0]):
+        return policy(**tokens, attention_mask=attention_without_empty_rows(policy, attention_mask),
+                      position_ids=position_ids, use_cache=False, logits_to_keep=reply_width + 1).logits[:, :-1]
 
 
 class PolicyAndCritic(torch.nn.Module):
     """Policy and critic as one module with one optimizer: what `accelerate` (DDP, DeepSpeed) prepares as a
     unit. A forward pass returns the policy's logits and the critic's values at the positions that predict
-    the reply's tokens and, for PPO-ptx, the policy's logits on an SFT batch."""
+    the reply's tokens and, for PPO-ptx, the policy's logits on an SFT batch. `starts`, for policy and critic:
+    where their trained blocks begin and the rollout's kept input of that block (`ppo/top_blocks.py`)."""
 
     def __init__(self, policy: PreTrainedModel, critic: PreTrainedModel):
         super().__init__()
         self.policy, self.critic = policy, critic
 
-    def forward(self, input_ids, attention_mask, position_ids, reply_width: int, ptx_ids=None, ptx_mask=None):
-        logits = reply_logits(self.policy, input_ids, attention_mask, position_ids, reply_width)
+    def forward(self, input_ids, attention_mask, position_ids, reply_width: int, ptx_ids=None, ptx_mask=None,
+                starts: tuple[tuple[int, torch.Tensor], tuple[int, torch.Tensor]] | None = None):
+        policy_start, critic_start = starts or (None, None)
+        logits = reply_logits(self.policy, input_ids, attention_mask, position_ids, reply_width, policy_start)
         # The critic is a sequence classifier; its score head applied to each position's hidden state
         # gives a value per token (the classifier itself only reads the last one).
         critic = self.critic.get_base_model() if isinstance(self.critic, PeftModel) else self.critic
-        hidden = getattr(critic, critic.base_model_prefix)(
-            input_ids=input_ids, attention_mask=attention_without_empty_rows(critic, attention_mask),
-            position_ids=position_ids, use_cache=False)
+        backbone = getattr(critic, critic.base_model_prefix)
+        tokens = {"input_ids": input_ids} if critic_start is None else {"inputs_embeds": critic_start[1]}
+        with contextlib.nullcontext() if critic_start is None else from_block(backbone, critic_start[0]):
+            hidden = backbone(**tokens, attention_mask=attention_without_empty_rows(critic, attention_mask),
+                              position_ids=position_ids, use_cache=False)
         values = critic.score(hidden.last_hidden_state[:, -reply_width - 1:-1]).squeeze(-1).float()
         ptx_logits = None
         if ptx_ids is not None:

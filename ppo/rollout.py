@@ -13,6 +13,7 @@ from common.sampling import sample
 from ppo.config import PPOStageConfig
 from ppo.core import token_logprobs, token_logprobs_and_entropy
 from ppo.models import PolicyAndCritic, reply_logits
+from ppo.top_blocks import kept_input_of_block
 
 
 @dataclass
@@ -28,17 +29,32 @@ class Rollout:
     ref_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
+    # With trainable_layers: each network's lowest trained block and the input of that block on every episode
+    # ([episodes, columns, hidden], as scoring saw it), from which learning runs the top blocks only.
+    starts: tuple[tuple[int, torch.Tensor], tuple[int, torch.Tensor]] | None = None
 
-    def micro(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """The rows' sequences with all-padding columns cut off (cheaper forwards): ids, mask, position
-        ids and the reply width kept (the reply fills the last columns)."""
+    def columns(self, rows: torch.Tensor) -> tuple[slice, int]:
+        """The columns the rows need (all-padding columns cut off: cheaper forwards) and the reply width kept (the
+        reply fills the last columns)."""
         reply_width = max(int(self.reply_mask[rows].sum(dim=1).max()), 1)
         prompt_width = int(self.attention_mask[rows, :self.context].sum(dim=1).max())
-        columns = slice(self.context - prompt_width, self.context + reply_width)
+        return slice(self.context - prompt_width, self.context + reply_width), reply_width
+
+    def micro(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """The rows' sequences in their columns: ids, mask, position ids and the reply width."""
+        columns, reply_width = self.columns(rows)
         ids, mask = self.sequences[rows, columns], self.attention_mask[rows, columns]
         # Positions count real tokens only, as `generate` counted them under left padding.
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         return ids, mask, positions, reply_width
+
+    def micro_starts(self, rows: torch.Tensor) -> tuple[tuple[int, torch.Tensor], tuple[int, torch.Tensor]] | None:
+        """The rows' kept block inputs in the same columns as `micro`'s ids (None when none were kept)."""
+        if self.starts is None:
+            return None
+        columns, _ = self.columns(rows)
+        (policy_block, policy_kept), (critic_block, critic_kept) = self.starts
+        return (policy_block, policy_kept[rows, columns]), (critic_block, critic_kept[rows, columns])
 
 
 def pad_right(rows: torch.Tensor, width: int, value: int = 0) -> torch.Tensor:
@@ -78,22 +94,34 @@ def sample_replies(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 
 @torch.no_grad()
 def score_rollout(model: PolicyAndCritic, reference: PreTrainedModel | None, rollout: Rollout,
-                  config: PPOStageConfig, compute: Compute) -> None:
+                  config: PPOStageConfig, compute: Compute, keep_from: tuple[int, int] | None = None) -> None:
     """Fill in the policy's and reference's log-probs and the critic's values, a chunk at a time. Policy and
     reference run under the same autocast on the same micro-batches: identical weights give identical
-    log-probs, so the KL penalty of the first update is exactly 0 in every precision."""
+    log-probs, so the KL penalty of the first update is exactly 0 in every precision. With `keep_from` (the
+    policy's and the critic's lowest trained block) the inputs of those blocks are kept for learning."""
     logprobs, ref_logprobs, values, entropy = [], [], [], []
+    kept = ([], [])
     width = rollout.reply_mask.shape[1]
     for start in range(0, len(rollout.sequences), config.generation_batch_size):
         rows = torch.arange(start, min(start + config.generation_batch_size, len(rollout.sequences)))
         ids, mask, positions, reply_width = rollout.micro(rows)
         targets = ids[:, -reply_width:]
-        with compute.autocast():
+        with compute.autocast(), contextlib.ExitStack() as keeping:
+            if keep_from is not None:
+                policy_kept, critic_kept = (keeping.enter_context(kept_input_of_block(network, block))
+                                            for network, block in zip((model.policy, model.critic), keep_from,
+                                                                      strict=True))
             logits, value, _ = model(ids, mask, positions, reply_width)
             # With LoRA the reference is the same network with its adapter switched off: no second copy.
             with model.policy.disable_adapter() if reference is None else contextlib.nullcontext():
                 ref_logits = reply_logits(model.policy if reference is None else reference, ids, mask, positions,
                                           reply_width)
+        if keep_from is not None:
+            # Back to the whole rollout's columns, so that any later choice of rows can cut its own.
+            left = rollout.columns(rows)[0].start
+            for store, chunk in zip(kept, (policy_kept[0], critic_kept[0]), strict=True):
+                store.append(torch.nn.functional.pad(chunk, (0, 0, left, rollout.sequences.shape[1] - left
+                                                              - chunk.shape[1])))
         chosen, spread = token_logprobs_and_entropy(logits, targets, config.temperature)
         logprobs.append(pad_right(chosen, width))
         entropy.append(pad_right(spread, width))
@@ -104,6 +132,8 @@ def score_rollout(model: PolicyAndCritic, reference: PreTrainedModel | None, rol
     rollout.ref_logprobs = torch.cat(ref_logprobs) * mask
     rollout.values = torch.cat(values) * mask
     rollout.entropy = torch.cat(entropy) * mask
+    if keep_from is not None:
+        rollout.starts = tuple((block, torch.cat(store)) for block, store in zip(keep_from, kept, strict=True))
 
 
 def reply_token_lists(rollout: Rollout) -> list[list[int]]:

@@ -23,8 +23,9 @@ One update (`ppo_update`), as in Huang et al. 2024 ("The N+ implementation detai
      clipped value loss (plus an SFT loss on SFT data with PPO-ptx); one optimizer step per minibatch.
 
 Where the rest lives: `config` (options), `core` (the maths, no model), `models` (policy, critic,
-reference), `rollout` (sampling and scoring replies), `rewards` (reward sources), `heldout` (periodic
-evaluation), `inputs` (prompts, PPO-ptx data), `checkpoints` (metrics, resume state, final folders).
+reference), `rollout` (sampling and scoring replies), `top_blocks` (learning from the frozen blocks' kept
+output), `rewards` (reward sources), `heldout` (periodic evaluation), `inputs` (prompts, PPO-ptx data),
+`checkpoints` (metrics, resume state, final folders).
 
 Writes `output_dir` per the checkpoint contract: the policy (merged, or its adapter with merge: false),
 the critic in `value/`, `metrics.jsonl`, TensorBoard logs and `pipeline.json`. Checkpoints of the whole
@@ -79,6 +80,7 @@ from ppo.inputs import load_prompt_split, ptx_batches
 from ppo.models import PolicyAndCritic, build_models, check_tokenizers_match
 from ppo.rewards import RewardSource, load_reward_sources, score_replies
 from ppo.rollout import Rollout, sample_replies, score_rollout
+from ppo.top_blocks import lowest_trained_block, resumes_exactly
 
 
 @dataclass
@@ -104,6 +106,7 @@ class PPORun:
     log: MetricsLog
     local_rollout: int  # episodes of each update on this process
     local_mini: int
+    keep_from: tuple[int, int] | None  # policy's and critic's lowest trained block, when learning starts there
 
     @property
     def rank_rows(self) -> slice:
@@ -149,7 +152,7 @@ def ppo_update(run: PPORun, update: int, print_: str) -> dict:
         rollout = sample_replies(run.unwrapped.policy, run.tokenizer, prompt_ids, config, run.compute,
                                  seed=config.seed * 1_000_003 + first + run.rank_rows.start)
         times.append(clock(run.compute))
-        score_rollout(run.unwrapped, run.reference, rollout, config, run.compute)
+        score_rollout(run.unwrapped, run.reference, rollout, config, run.compute, run.keep_from)
         times.append(clock(run.compute))
     # 2. Rewards: the sources' score on each reply's last token, the KL penalty on every token.
     scores, per_source, _ = score_replies(run.sources, run.tokenizer, prompts, prompt_ids, rollout, config)
@@ -252,7 +255,8 @@ def learning_step(run: PPORun, rollout: Rollout, rows: torch.Tensor, advantages:
     if run.ptx is not None:
         ptx_ids, ptx_mask, ptx_labels = (t.to(run.compute.device) for t in next(run.ptx))
     with run.compute.autocast():  # the rollout's numerics: the ratio starts at exactly 1
-        logits, values, ptx_logits = run.model(ids, attention, positions, width, ptx_ids, ptx_mask)
+        logits, values, ptx_logits = run.model(ids, attention, positions, width, ptx_ids, ptx_mask,
+                                               rollout.micro_starts(rows))
     logprobs = token_logprobs(logits, ids[:, -width:], config.temperature)
     policy_loss, value_loss, stats = ppo_losses(
         logprobs, rollout.logprobs[rows, :width], advantages[rows, :width], values, rollout.values[rows, :width],
@@ -384,12 +388,32 @@ def prepare(config: PPOStageConfig, state: PartialState, output: StagedOutput, p
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         accelerator.print(f"ppo: resuming from {resume_from} (update {progress.update} of {config.num_updates})")
+    keep_from = learning_start(config, accelerator, policy, critic, compute)
     accelerator.print(f"ppo: {len(prompts[0])} training / {len(prompts[2])} eval prompts, {config.num_updates} "
                       f"updates of {config.rollout_batch_size} episodes, {state.num_processes} process(es); "
                       f"{config.policy} -> {config.output_dir}")
     return PPORun(config, accelerator, compute, tokenizer, model, accelerator.unwrap_model(model), reference,
                   optimizer, scheduler, kl, progress, sources, judge, ptx, prompts, staging,
-                  MetricsLog(staging, accelerator.is_main_process, progress.update), local_rollout, local_mini)
+                  MetricsLog(staging, accelerator.is_main_process, progress.update), local_rollout, local_mini,
+                  keep_from)
+
+
+def learning_start(config: PPOStageConfig, accelerator: Accelerator, policy: PreTrainedModel,
+                   critic: PreTrainedModel, compute: Compute) -> tuple[int, int] | None:
+    """The blocks learning starts from (`ppo/top_blocks.py`): the lowest trained one of policy and critic, when
+    both train their top blocks only and run exactly from a kept input of it. Not under DeepSpeed, whose engine
+    gathers and releases each block's weights around its own forward."""
+    if (not config.trainable_layers or config.uses_adapter() or config.critic_peft_method != "none"
+            or accelerator.state.deepspeed_plugin is not None):
+        return None
+    blocks = (lowest_trained_block(policy), lowest_trained_block(critic))
+    if not all(blocks):
+        return None  # every block trains: nothing to skip
+    if all(resumes_exactly(network, block, compute) for network, block in zip((policy, critic), blocks, strict=True)):
+        return blocks
+    accelerator.print("ppo: this architecture does not hand inputs_embeds to its first block unchanged: learning "
+                      "runs the frozen blocks too")
+    return None
 
 
 def finish(run: PPORun, output: StagedOutput, inputs: dict, print_: str, metrics: dict, eval_initial: dict | None,

@@ -9,10 +9,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.errors import PipelineError
+from common.modeling import freeze_lower_blocks
 from ppo.config import PPOStageConfig
 from ppo.core import generalized_advantages, kl_estimate, masked_whiten, token_logprobs, token_rewards
-from ppo.models import PolicyAndCritic, build_models
+from ppo.models import PolicyAndCritic, build_models, disable_dropout
 from ppo.rollout import sample_replies, score_rollout
+from ppo.top_blocks import lowest_trained_block, resumes_exactly
 from ppo.train import main
 from tests.conftest import (
     CPU,
@@ -25,6 +27,7 @@ from tests.conftest import (
     run_module,
     write_jsonl,
 )
+from tests.test_own_model import FAMILIES
 
 
 def ppo_args(run, output, *extra: str) -> list[str]:
@@ -118,6 +121,43 @@ def test_lora_reference_is_the_initial_policy_and_micro_batches_reproduce_rollou
     score_rollout(model, None, moved, config, CPU)
     assert torch.allclose(moved.ref_logprobs[mask], rollout.ref_logprobs[mask], atol=1e-5)
     assert not torch.allclose(moved.logprobs[mask], rollout.logprobs[mask], atol=1e-3)
+
+
+def test_learning_from_the_kept_input_of_the_top_block_equals_the_whole_forward(make_run):
+    """Trained in its top block, policy and critic keep the rollout's input of that block; learning forwards run
+    the top block from it and give the logits, values and gradients of the whole network, on any rows."""
+    tokenizer = AutoTokenizer.from_pretrained(make_run / "sft")
+    config = PPOStageConfig(policy=str(make_run / "sft"), reward_model=str(make_run / "rm"), trainable_layers=1,
+                            max_new_tokens=6, generation_batch_size=4, temperature=0.8)
+    torch.manual_seed(0)
+    policy, critic, reference = build_models(config, tokenizer)
+    blocks = (lowest_trained_block(policy), lowest_trained_block(critic))
+    assert blocks == (1, 1) and all(resumes_exactly(n, 1, CPU) for n in (policy, critic))
+    model = PolicyAndCritic(policy, critic)
+    rollout = sample_replies(model.policy, tokenizer, [[1, 2, 3, 4], [5, 6], [7, 8, 9], [10]], config, CPU, seed=0)
+    score_rollout(model, reference, rollout, config, CPU, keep_from=blocks)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    for rows in (torch.tensor([0, 2]), torch.tensor([1]), torch.tensor([3, 1, 0])):
+        ids, attention, positions, width = rollout.micro(rows)
+        outputs = []
+        for starts in (None, rollout.micro_starts(rows)):
+            logits, values, _ = model(ids, attention, positions, width, starts=starts)
+            outputs.append((logits, values, torch.autograd.grad(logits.sum() + values.sum(), trained)))
+        (logits, values, grads), (top_logits, top_values, top_grads) = outputs
+        assert torch.allclose(top_logits, logits, atol=1e-5) and torch.allclose(top_values, values, atol=1e-5)
+        # The kept input was computed on the rollout's padding, not the micro-batch's: equal up to fp32 rounding.
+        assert all((a - b).norm() <= 1e-5 * b.norm() for a, b in zip(top_grads, grads, strict=True))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_learning_starts_at_the_top_blocks_only_where_the_backbone_feeds_its_blocks_unchanged(family):
+    """GPT-2 adds its position embeddings to `inputs_embeds`: running its top block from a kept input would
+    lose them, and the check says so; Llama, Qwen2, Mistral and GPT-NeoX hand it to the first block as it is."""
+    model = AutoModelForCausalLM.from_config(FAMILIES[family](64))
+    disable_dropout(model)
+    freeze_lower_blocks(model, 1)
+    assert lowest_trained_block(model) == 1
+    assert resumes_exactly(model, 1, CPU) == (family != "gpt2")
 
 
 def test_make_ppo_writes_the_checkpoint_contract(make_run):

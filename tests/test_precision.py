@@ -25,10 +25,12 @@ from tests.conftest import CPU, ROOT, TINY, chat_rows, run_module, write_jsonl
 CPU_DEVICE = torch.device("cpu")
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_auto_is_bf16_on_a_cpu_with_amx_else_fp32_and_bf16_may_be_asked_for(amx, monkeypatch):
+@pytest.mark.parametrize(("amx", "avx512_bf16"), [(True, False), (False, True), (True, True), (False, False)])
+def test_auto_is_bf16_on_a_cpu_with_bf16_instructions_else_fp32_and_bf16_may_be_asked_for(amx, avx512_bf16,
+                                                                                          monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    assert choose_precision("auto", CPU_DEVICE) == ("bf16" if amx else "fp32")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert choose_precision("auto", CPU_DEVICE) == ("bf16" if amx or avx512_bf16 else "fp32")
     assert choose_precision("bf16", CPU_DEVICE) == "bf16"
     assert choose_precision("fp32", CPU_DEVICE) == "fp32"
     with pytest.raises(PipelineError, match="fp16 needs a GPU"):
