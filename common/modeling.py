@@ -111,6 +111,14 @@ def load_reward_model(path: str, pad_token_id: int, dtype: torch.dtype = torch.f
     return model
 
 
+def block_holder(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """The module holding the transformer blocks and the attribute they sit in: the first ModuleList in the order
+    the model registers its modules (Llama's `model.layers`, GPT-2's `transformer.h`)."""
+    name = next(name for name, module in model.named_modules() if isinstance(module, torch.nn.ModuleList))
+    parent, _, attribute = name.rpartition(".")
+    return model.get_submodule(parent), attribute
+
+
 def freeze_lower_blocks(model: torch.nn.Module, trainable: int) -> int:
     """Freeze everything below the top `trainable` blocks (token and position embeddings, lower blocks); the top
     blocks, the final norm and the head train. Returns the trainable parameter count.
@@ -119,7 +127,7 @@ def freeze_lower_blocks(model: torch.nn.Module, trainable: int) -> int:
     pass: on a CPU this buys several times more preference pairs per minute, and sentiment-like judgements
     live in the top layers' features anyway.
     """
-    blocks = next(module for module in model.modules() if isinstance(module, torch.nn.ModuleList))
+    blocks = getattr(*block_holder(model))
     if not 0 < trainable <= len(blocks):
         raise PipelineError(f"trainable_layers must be from 1 to {len(blocks)} (the model's blocks), got {trainable}")
     # Parameters come in the order the model registers its modules: embeddings, blocks, final norm, head.

@@ -1,7 +1,6 @@
 """The four networks of PPO: the policy and critic that learn (one module, one optimizer), the frozen
 reference, and the forward passes that read logits and values at the reply's positions."""
 
-import contextlib
 import dataclasses
 
 import torch
@@ -19,7 +18,7 @@ from common.modeling import (
     stored_like,
 )
 from ppo.config import PPO_REFUSED, PPOStageConfig
-from ppo.top_blocks import from_block
+from ppo.top_blocks import Start, forward_inputs
 
 
 def attention_without_empty_rows(model: PreTrainedModel, mask: torch.Tensor) -> torch.Tensor:
@@ -45,13 +44,12 @@ def attention_without_empty_rows(model: PreTrainedModel, mask: torch.Tensor) -> 
 
 
 def reply_logits(policy: PreTrainedModel, input_ids, attention_mask, position_ids, reply_width: int,
-                 start: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+                 start: Start | None = None) -> torch.Tensor:
     """Logits at the positions that predict the reply's tokens (the one before each; the reply fills the
     last `reply_width` columns). `logits_to_keep` skips the LM head over the prompt: with a 49k-token
     vocabulary that head is a large share of a small model's compute. With `start` (a block's index and the
     rollout's kept input of it, `ppo/top_blocks.py`) only the blocks from there up run."""
-    tokens = {"input_ids": input_ids} if start is None else {"inputs_embeds": start[1]}
-    with contextlib.nullcontext() if start is None else from_block(policy, start[0]):
+    with forward_inputs(policy, input_ids, start) as tokens:
         return policy(**tokens, attention_mask=attention_without_empty_rows(policy, attention_mask),
                       position_ids=position_ids, use_cache=False, logits_to_keep=reply_width + 1).logits[:, :-1]
 
@@ -67,15 +65,14 @@ class PolicyAndCritic(torch.nn.Module):
         self.policy, self.critic = policy, critic
 
     def forward(self, input_ids, attention_mask, position_ids, reply_width: int, ptx_ids=None, ptx_mask=None,
-                starts: tuple[tuple[int, torch.Tensor], tuple[int, torch.Tensor]] | None = None):
+                starts: tuple[Start, Start] | None = None):
         policy_start, critic_start = starts or (None, None)
         logits = reply_logits(self.policy, input_ids, attention_mask, position_ids, reply_width, policy_start)
         # The critic is a sequence classifier; its score head applied to each position's hidden state
         # gives a value per token (the classifier itself only reads the last one).
         critic = self.critic.get_base_model() if isinstance(self.critic, PeftModel) else self.critic
         backbone = getattr(critic, critic.base_model_prefix)
-        tokens = {"input_ids": input_ids} if critic_start is None else {"inputs_embeds": critic_start[1]}
-        with contextlib.nullcontext() if critic_start is None else from_block(backbone, critic_start[0]):
+        with forward_inputs(backbone, input_ids, critic_start) as tokens:
             hidden = backbone(**tokens, attention_mask=attention_without_empty_rows(critic, attention_mask),
                               position_ids=position_ids, use_cache=False)
         values = critic.score(hidden.last_hidden_state[:, -reply_width - 1:-1]).squeeze(-1).float()

@@ -13,7 +13,7 @@ from common.sampling import sample
 from ppo.config import PPOStageConfig
 from ppo.core import token_logprobs, token_logprobs_and_entropy
 from ppo.models import PolicyAndCritic, reply_logits
-from ppo.top_blocks import kept_input_of_block
+from ppo.top_blocks import Start, kept_input_of_block
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Rollout:
     entropy: torch.Tensor | None = None
     # With trainable_layers: each network's lowest trained block and the input of that block on every episode
     # ([episodes, columns, hidden], as scoring saw it), from which learning runs the top blocks only.
-    starts: tuple[tuple[int, torch.Tensor], tuple[int, torch.Tensor]] | None = None
+    starts: tuple[Start, Start] | None = None
 
     def columns(self, rows: torch.Tensor) -> tuple[slice, int]:
         """The columns the rows need (all-padding columns cut off: cheaper forwards) and the reply width kept (the
@@ -48,7 +48,7 @@ class Rollout:
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         return ids, mask, positions, reply_width
 
-    def micro_starts(self, rows: torch.Tensor) -> tuple[tuple[int, torch.Tensor], tuple[int, torch.Tensor]] | None:
+    def micro_starts(self, rows: torch.Tensor) -> tuple[Start, Start] | None:
         """The rows' kept block inputs in the same columns as `micro`'s ids (None when none were kept)."""
         if self.starts is None:
             return None

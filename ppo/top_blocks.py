@@ -14,15 +14,11 @@ from collections.abc import Iterator
 import torch
 from transformers import PreTrainedModel
 
+from common.modeling import block_holder
 from common.precision import Compute
 
-
-def block_holder(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
-    """The module holding the transformer blocks and the attribute they sit in: the first ModuleList, as
-    `freeze_lower_blocks` finds them."""
-    name = next(name for name, module in model.named_modules() if isinstance(module, torch.nn.ModuleList))
-    parent, _, attribute = name.rpartition(".")
-    return model.get_submodule(parent), attribute
+# A block's index and the hidden states entering that block, [rows, columns, hidden].
+Start = tuple[int, torch.Tensor]
 
 
 def lowest_trained_block(model: torch.nn.Module) -> int:
@@ -50,13 +46,17 @@ def kept_input_of_block(model: torch.nn.Module, index: int) -> Iterator[list[tor
 
 
 @contextlib.contextmanager
-def from_block(model: torch.nn.Module, index: int) -> Iterator[None]:
-    """Inside, the model runs blocks `index` and up only: its `inputs_embeds` must be that block's input."""
+def forward_inputs(model: torch.nn.Module, input_ids: torch.Tensor, start: Start | None) -> Iterator[dict]:
+    """The token inputs of a forward of `model` run inside: its ids, or with `start` (a block's index and the kept
+    input of that block) that input as `inputs_embeds`, and only the blocks from there up run."""
+    if start is None:
+        yield {"input_ids": input_ids}
+        return
     holder, attribute = block_holder(model)
     blocks = getattr(holder, attribute)
-    setattr(holder, attribute, torch.nn.ModuleList(list(blocks)[index:]))
+    setattr(holder, attribute, torch.nn.ModuleList(list(blocks)[start[0]:]))
     try:
-        yield
+        yield {"inputs_embeds": start[1]}
     finally:
         setattr(holder, attribute, blocks)
 
@@ -69,6 +69,6 @@ def resumes_exactly(model: PreTrainedModel, index: int, compute: Compute) -> boo
     with compute.autocast():
         with kept_input_of_block(model, index) as kept:
             whole = model(input_ids=ids, use_cache=False)[0]
-        with from_block(model, index):
-            resumed = model(inputs_embeds=kept[0], use_cache=False)[0]
+        with forward_inputs(model, ids, (index, kept[0])) as tokens:
+            resumed = model(**tokens, use_cache=False)[0]
     return torch.allclose(whole.float(), resumed.float(), rtol=1e-4, atol=1e-5)
