@@ -14,7 +14,7 @@
 #   make bench      benchmarks: SFT/RM tokens/s vs plain trl, PPO vs trl 1.12, peak memory, FLOP/s vs matmul peak
 #   make bench-peft every PEFT method on the embedded default: SFT time and eval loss, RM accuracy (about 70 min)
 #   make bench-overopt  the default PPO for twice its updates: where the gold score peaks while the RM's rises
-#   make bench-memory   PPO's GPU memory for 0.5B, 1.5B and 7B shapes, full fine-tune and LoRA (an estimate)
+#   make bench-memory   PPO's GPU memory for 0.5B, 1.5B and 7B shapes, full fine-tune and LoRA (traced, no GPU)
 #   make test       the test suite (what .ci/run calls)
 # Every target takes CONFIG=configs/<name>.yaml and RUN=runs/<name>; ARGS="--option value" goes to the
 # stage named on the command line only. A stage whose inputs did not change is skipped by the stage

@@ -1,34 +1,45 @@
-"""What PPO needs in GPU memory for models of real sizes, full fine-tune and LoRA, under the precision policy
-(README, "Precision and the GPU"): an estimate, not a measurement, made without a GPU and without weights.
+"""What PPO holds in memory for models of real sizes, full fine-tune and LoRA, under the precision policy
+(README, "Precision and the GPU"): traced on the CPU without weights, not measured on a GPU.
 
 Usage:
     python bench/ppo_memory.py                                  # the table for the shapes below, the default PPO sizes
     python bench/ppo_memory.py --micro_batch_size 4 --seq_len 512 --output bench/ppo_memory.json
     make bench-memory
 
-Each shape's policy, critic, reference and reward model are built on the meta device (no memory) from a
-transformers config, the adapters by the same `peft_config` the PPO stage uses, and each parameter is counted in
-the dtype the stage stores it in: frozen models and frozen blocks in bf16, trained weights (and a full
-fine-tune's reference where its policy trains) fp32, adapters fp32, plus an fp32 gradient and AdamW's two fp32
-moments for every trained parameter. Those bytes are exact. The activations of one learning micro-batch are
-counted per token and block from a SwiGLU decoder's saved tensors (policy and critic; no gradient checkpointing;
-SDPA keeps no attention matrix): a rough figure, and CUDA's allocator adds its own slack on top. A GPU run
-must confirm the totals.
+Each shape's policy, critic, reference and reward model are built from a transformers config, the adapters by
+the same `peft_config` the PPO stage uses, laid out in dtypes by the functions PPO uses (`in_policy_dtypes`,
+`stored_like`), and given fake tensors (torch's FakeTensorMode: shapes, dtypes and lifetimes, no data, no
+arithmetic). Then PPO's own modules run on them while `LiveBytes` counts the bytes of every tensor alive: two
+optimizer steps of learning (each over the micro-batches of one minibatch: the policy and critic forward in
+bf16 autocast, `token_logprobs`, `ppo_losses`, backward, gradient clipping, AdamW) and the rollout's forwards
+(policy with its KV cache over the whole sequence, reference, critic, reward model, without gradients). The
+peaks count every tensor PyTorch makes, each rounded up to the 512 bytes of CUDA's smallest block; a GPU adds
+what this cannot see: CUDA's context, cuBLAS and attention workspaces, the allocator's fragmentation, and
+kernels that differ from the CPU's (attention on the CPU may keep its score matrix, flash attention does not).
 """
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
+import weakref
 from pathlib import Path
 
 import torch
 from peft import get_peft_model
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig, Qwen2Config
 
 from common.adapters import peft_config
-from common.modeling import freeze_lower_blocks
+from common.modeling import freeze_lower_blocks, in_policy_dtypes, stored_like
 from ppo.config import PPO_REFUSED, PPOStageConfig
+from ppo.core import ppo_losses, token_logprobs
+from ppo.models import PolicyAndCritic, reply_logits
 
 # Qwen2.5's published shapes (hidden, blocks, heads, key/value heads, MLP width, vocabulary, tied embeddings).
 SHAPES = {
@@ -37,6 +48,35 @@ SHAPES = {
     "7B": (3584, 28, 28, 4, 18944, 152064, False),
 }
 GIB = 2 ** 30
+COMPUTE = torch.bfloat16
+BLOCK = 512  # CUDA's caching allocator rounds every allocation up to a multiple of 512 bytes
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the tensor storage that ops create inside it, alive now and at most: an op's outputs are counted
+    when they appear and uncounted when their storage is freed. Fake tensors have sizes and lifetimes, no data.
+    The weights of `held` are not counted, also when an optimizer writes into them."""
+
+    def __init__(self, held: list[torch.nn.Module]):
+        super().__init__()
+        self.live = self.peak = 0
+        self.counted = WeakIdKeyDictionary()
+        for tensor in (t for model in held for t in [*model.parameters(), *model.buffers()]):
+            self.counted[tensor.untyped_storage()] = None
+
+    def free(self, size: int) -> None:
+        self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage() not in self.counted:
+                storage = tensor.untyped_storage()
+                size = -(-storage.nbytes() // BLOCK) * BLOCK
+                self.counted[storage] = weakref.finalize(storage, self.free, size)
+                self.live += size
+        self.peak = max(self.peak, self.live)
+        return out
 
 
 def shape_config(name: str) -> PretrainedConfig:
@@ -46,79 +86,165 @@ def shape_config(name: str) -> PretrainedConfig:
                        tie_word_embeddings=tied, pad_token_id=0)
 
 
-def stored_bytes(model: torch.nn.Module, frozen_bytes: int) -> tuple[int, int]:
-    """Bytes of the weights as PPO stores them, and the bytes of the trained ones' gradient and AdamW moments."""
-    weights = state = 0
-    for parameter in model.parameters():
-        trained = parameter.requires_grad
-        weights += parameter.numel() * (4 if trained else frozen_bytes)
-        state += 12 * parameter.numel() if trained else 0
-    return weights, state
-
-
 def adapted(model, config: PPOStageConfig, method: str, task: str):
     options = dataclasses.replace(config, peft_method=method)
     return get_peft_model(model, peft_config(options, model, task, "ppo", PPO_REFUSED, 1, dropout=0.0))
 
 
-def estimate(config: PPOStageConfig, model_config: PretrainedConfig, seq_len: int) -> dict:
-    """GiB of weights, gradients + AdamW state and activations of one PPO setup: the models `build_models` builds,
-    in the dtypes it stores them in, and the reward model as `RewardScorer` holds it."""
+def ppo_models(config: PPOStageConfig, model_config: PretrainedConfig):
+    """Policy, critic, reference (None with an adapter: the policy with its adapter off) and reward model, in
+    the dtypes `build_models` and `RewardScorer` give them."""
     model_config = copy.deepcopy(model_config)
     model_config.num_labels = 1  # the critic's and the reward model's one-logit head
-    with torch.device("meta"):
-        policy = AutoModelForCausalLM.from_config(model_config)
-        critic = AutoModelForSequenceClassification.from_config(model_config)
-        reward_model = AutoModelForSequenceClassification.from_config(model_config)
-        if config.uses_adapter():
-            policy = adapted(policy, config, config.peft_method, "CAUSAL_LM")
-        elif config.trainable_layers:
+    policy = AutoModelForCausalLM.from_config(model_config)
+    critic = AutoModelForSequenceClassification.from_config(model_config)
+    reward_model = AutoModelForSequenceClassification.from_config(model_config, dtype=COMPUTE).requires_grad_(False)
+    reference = None
+    if config.uses_adapter():
+        policy = in_policy_dtypes(adapted(policy, config, config.peft_method, "CAUSAL_LM"), COMPUTE)
+    else:
+        if config.trainable_layers:
             freeze_lower_blocks(policy, config.trainable_layers)
-        if config.critic_peft_method != "none":
-            critic = adapted(critic, config, config.critic_peft_method, "SEQ_CLS")
-        elif config.trainable_layers:
-            freeze_lower_blocks(critic, config.trainable_layers)
-    # What is frozen in bf16 (an adapter's base, the blocks below trainable_layers), what trains in fp32; a full
-    # fine-tune's reference stored like its policy.
-    policy_weights, policy_state = stored_bytes(policy, 2)
-    critic_weights, critic_state = stored_bytes(critic, 2)
-    reference = 0 if config.uses_adapter() else policy_weights
-    rm_weights = 2 * sum(p.numel() for p in reward_model.parameters())
-    hidden, mlp = model_config.hidden_size, model_config.intermediate_size
-    # Per token and block: about 12 hidden-wide and 4 MLP-wide bf16 tensors kept for backward, and the fp32
-    # inputs of the two RMSNorms; twice (policy and critic).
-    per_token = model_config.num_hidden_layers * (2 * (12 * hidden + 4 * mlp) + 2 * 4 * hidden)
-    activations = 2 * per_token * config.micro_batch_size * seq_len
-    # The log-softmax over the vocabulary of the reply positions, fp32, with its gradient.
-    logits = 2 * 4 * config.micro_batch_size * (config.max_new_tokens + 1) * model_config.vocab_size
-    parts = {"weights": policy_weights + critic_weights + reference + rm_weights,
-             "gradients_and_adamw": policy_state + critic_state, "activations": activations + logits}
-    return {**{key: value / GIB for key, value in parts.items()}, "total": sum(parts.values()) / GIB,
-            "parameters": sum(p.numel() for p in reward_model.parameters())}
+            in_policy_dtypes(policy, COMPUTE)
+        reference = stored_like(AutoModelForCausalLM.from_config(model_config).requires_grad_(False), policy)
+    if config.critic_peft_method != "none":
+        critic = in_policy_dtypes(adapted(critic, config, config.critic_peft_method, "SEQ_CLS"), COMPUTE)
+    elif config.trainable_layers:
+        freeze_lower_blocks(critic, config.trainable_layers)
+        in_policy_dtypes(critic, COMPUTE)
+    return policy, critic, reference, reward_model
+
+
+def batch(rows: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids = torch.zeros(rows, seq_len, dtype=torch.long)
+    return ids, torch.ones_like(ids), torch.arange(seq_len).expand(rows, -1)
+
+
+def learn(model: PolicyAndCritic, optimizer: torch.optim.Optimizer, config: PPOStageConfig, seq_len: int) -> None:
+    """Two optimizer steps as `ppo/train.py` takes them: the first creates AdamW's moments; in the second the
+    gradients of earlier micro-batches are alive while the next one's activations are."""
+    rows, width = config.micro_batch_size, config.max_new_tokens
+    ids, mask, positions = batch(rows, seq_len)
+    zeros, reply = torch.zeros(rows, width), torch.ones(rows, width)
+    for _ in range(2):
+        for _ in range(max(1, config.mini_batch_size // config.micro_batch_size)):
+            with torch.autocast("cpu", dtype=COMPUTE):
+                logits, values, _ = model(ids, mask, positions, width)
+            logprobs = token_logprobs(logits, ids[:, -width:], config.temperature)
+            policy_loss, value_loss, _ = ppo_losses(logprobs, zeros, zeros, values, zeros, zeros, reply,
+                                                    config.cliprange, config.cliprange_value)
+            (policy_loss + config.vf_coef * value_loss).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@torch.inference_mode()
+def roll_out(model: PolicyAndCritic, reference, reward_model, config: PPOStageConfig, seq_len: int) -> None:
+    """A rollout chunk's forwards: the policy's with a KV cache of the whole sequence (what sampling holds at
+    its last token), then scoring by policy, reference, critic and reward model."""
+    ids, mask, positions = batch(config.generation_batch_size, seq_len)
+    width = config.max_new_tokens
+    with torch.autocast("cpu", dtype=COMPUTE):
+        cache = model.policy(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1).past_key_values
+        model(ids, mask, positions, width)
+        adapter_off = model.policy.disable_adapter() if reference is None else contextlib.nullcontext()
+        with adapter_off:
+            reply_logits(model.policy if reference is None else reference, ids, mask, positions, width)
+        reward_model(input_ids=ids, attention_mask=mask)
+    del cache
+
+
+def as_fake(models: list[torch.nn.Module], mode: FakeTensorMode) -> None:
+    """Give every meta parameter and buffer a fake CPU tensor of its shape, dtype and requires_grad, shared ones
+    (a tied embedding) shared still. The models are built on the meta device because peft cannot move the
+    adapters of a model built as fake tensors."""
+    made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # holding the meta tensor keeps its id unique
+    for module in (m for model in models for m in model.modules()):
+        for store in (module._parameters, module._buffers):
+            for name, tensor in store.items():
+                if tensor is None:
+                    continue
+                if id(tensor) not in made:
+                    with mode:
+                        empty = torch.empty(tensor.shape, dtype=tensor.dtype)
+                    if isinstance(tensor, torch.nn.Parameter):
+                        empty = torch.nn.Parameter(empty, tensor.requires_grad)
+                    made[id(tensor)] = tensor, empty
+                store[name] = made[id(tensor)][1]
+
+
+def held_bytes(models: list[torch.nn.Module]) -> int:
+    """Bytes of the weights (and buffers) of these models, each storage once (a tied embedding is one)."""
+    storages = {id(t.untyped_storage()): t.untyped_storage().nbytes()
+                for model in models for t in [*model.parameters(), *model.buffers()]}
+    return sum(storages.values())
+
+
+def traced(config: PPOStageConfig, model_config: PretrainedConfig, seq_len: int) -> dict:
+    """GiB of one PPO setup: its weights, the gradients and AdamW moments of what it trains, and the peak of all
+    live tensors in learning and in the rollout."""
+    with torch.device("meta"):
+        policy, critic, reference, reward_model = ppo_models(config, model_config)
+    fake = FakeTensorMode(shape_env=ShapeEnv())  # the shape environment lets `.item()` return a symbol
+    as_fake([m for m in (policy, critic, reference, reward_model) if m is not None], fake)
+    with fake:
+        model = PolicyAndCritic(policy, critic)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trained, lr=1e-6, eps=config.adam_eps, weight_decay=0.0)
+        held = [m for m in (model, reference, reward_model) if m is not None]
+        weights = held_bytes(held)
+        peaks = {}
+        for phase, run in (("learning", lambda: learn(model, optimizer, config, seq_len)),
+                           ("rollout", lambda: roll_out(model, reference, reward_model, config, seq_len))):
+            with LiveBytes(held) as live:
+                run()
+            peaks[phase] = live.peak
+    # After learning, the AdamW moments and step counters stay; the gradients are freed (zero_grad).
+    state = sum(t.untyped_storage().nbytes() for s in optimizer.state.values() for t in s.values())
+    trained_bytes = sum(p.numel() * p.element_size() for p in trained)
+    return {"parameters": sum(p.numel() for p in reward_model.parameters()),
+            "trained_parameters": sum(p.numel() for p in trained),
+            "weights": weights / GIB, "gradients": trained_bytes / GIB, "adamw": state / GIB,
+            # The rollout's peak comes on top of the moments, which live from the first step on.
+            "learning_peak": (weights + peaks["learning"]) / GIB,
+            "rollout_peak": (weights + state + peaks["rollout"]) / GIB}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--micro_batch_size", type=int, default=PPOStageConfig.micro_batch_size)
+    parser.add_argument("--mini_batch_size", type=int, default=PPOStageConfig.mini_batch_size)
+    parser.add_argument("--generation_batch_size", type=int, default=PPOStageConfig.generation_batch_size)
     parser.add_argument("--max_new_tokens", type=int, default=PPOStageConfig.max_new_tokens)
-    parser.add_argument("--seq_len", type=int, default=160, help="prompt + reply tokens of a learning micro-batch")
+    parser.add_argument("--seq_len", type=int, default=160, help="prompt + reply tokens of every batch")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated, of " + ", ".join(SHAPES))
     parser.add_argument("--output", default="bench/ppo_memory.json")
     args = parser.parse_args()
+    if args.seq_len <= args.max_new_tokens:
+        parser.error(f"--seq_len ({args.seq_len}) must exceed --max_new_tokens ({args.max_new_tokens}): it holds "
+                     "the prompt and the reply")
     setups = {"full fine-tune": {}, "LoRA policy and critic": {"peft_method": "lora", "critic_peft_method": "lora"}}
+    sizes = {key: getattr(args, key) for key in ("micro_batch_size", "mini_batch_size", "generation_batch_size",
+                                                   "max_new_tokens")}
     rows = []
-    for shape in SHAPES:
+    for shape in args.shapes.split(","):
         for setup, options in setups.items():
-            config = PPOStageConfig(micro_batch_size=args.micro_batch_size, max_new_tokens=args.max_new_tokens,
-                                    **options)
-            rows.append({"shape": shape, "setup": setup, **estimate(config, shape_config(shape), args.seq_len)})
-    print(f"PPO memory estimate (GiB), bf16 compute, micro-batch {args.micro_batch_size} x {args.seq_len} tokens")
-    # An 80 GB card shows about 79 GiB; CUDA's context and the allocator's fragmentation take several of them.
-    print("| shape | setup | weights | gradients + AdamW | activations | total | fits 80 GB (total under 70 GiB) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+            config = PPOStageConfig(**sizes, **options)
+            rows.append({"shape": shape, "setup": setup, **traced(config, shape_config(shape), args.seq_len)})
+            print(f"{shape} {setup}: learning peak {rows[-1]['learning_peak']:.1f} GiB", flush=True)
+    print(f"\nPPO memory traced without weights (GiB), bf16 compute, learning micro-batch {args.micro_batch_size} "
+          f"(minibatch {args.mini_batch_size}), rollout chunk {args.generation_batch_size}, {args.seq_len} tokens")
+    # An 80 GB card shows about 79 GiB; CUDA's context, workspaces and fragmentation take several of them.
+    print("| shape | setup | weights | gradients | AdamW moments | learning peak | rollout peak | "
+          "fits 80 GB (peak under 70 GiB) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        print(f"| {row['shape']} | {row['setup']} | {row['weights']:.1f} | {row['gradients_and_adamw']:.1f} | "
-              f"{row['activations']:.1f} | {row['total']:.1f} | {'yes' if row['total'] < 70 else 'no'} |")
-    Path(args.output).write_text(json.dumps({"estimate": True, "options": vars(args), "rows": rows}, indent=2) + "\n")
+        peak = max(row["learning_peak"], row["rollout_peak"])
+        print(f"| {row['shape']} | {row['setup']} | {row['weights']:.1f} | {row['gradients']:.1f} | "
+              f"{row['adamw']:.1f} | {row['learning_peak']:.1f} | {row['rollout_peak']:.1f} | "
+              f"{'yes' if peak < 70 else 'no'} |")
+    Path(args.output).write_text(json.dumps({"traced": True, "options": vars(args), "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.output}")
 
 

@@ -410,6 +410,8 @@ def learning_start(config: PPOStageConfig, accelerator: Accelerator, policy: Pre
     if not all(blocks):
         return None  # every block trains: nothing to skip
     if all(resumes_exactly(network, block, compute) for network, block in zip((policy, critic), blocks, strict=True)):
+        accelerator.print(f"ppo: learning runs the policy from block {blocks[0]} and the critic from block "
+                          f"{blocks[1]}, on their inputs kept in scoring")
         return blocks
     accelerator.print("ppo: this architecture does not hand inputs_embeds to its first block unchanged: learning "
                       "runs the frozen blocks too")

@@ -36,9 +36,10 @@ def launch(config: str, module: str, *args: str) -> subprocess.CompletedProcess:
     return result
 
 
-def single(module: str, *args: str) -> None:
+def single(module: str, *args: str) -> subprocess.CompletedProcess:
     result = run_module(module, *args, env=CPU_ONLY)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 def manifest(folder: Path) -> dict:
@@ -108,33 +109,45 @@ def test_make_sft_and_rm_on_two_processes(tmp_path, tiny_base):
 @pytest.fixture(scope="module")
 def ppo_runs(tmp_path_factory, make_run) -> dict[str, Path]:
     """Two PPO updates of 8 episodes (one minibatch, one epoch) on 1 process, 2 (DDP), 2 (ZeRO-2) and 2 (ZeRO-3:
-    weights sharded, gathered for sampling and for saving)."""
+    weights sharded, gathered for sampling and for saving); and on 1 and 2 (DDP) processes training the top
+    block only, where learning runs that block from its input kept in scoring (`ppo/top_blocks.py`)."""
     tmp = tmp_path_factory.mktemp("ppo")
     args = ["--config", str(TINY), "--policy", str(make_run / "sft"), "--reward_model", str(make_run / "rm"),
             "--prompts", str(make_run / "data" / "prompts_ppo.jsonl"), "--num_updates", "2", "--ppo_epochs", "1",
             "--rollout_batch_size", "8", "--mini_batch_size", "8", "--micro_batch_size", "2",
             "--generation_batch_size", "4", "--eval_every", "0", "--save_every", "0"]
+    top = ["--trainable_layers", "1"]
     single("ppo", *args, "--output_dir", str(tmp / "one"))
     launch("ddp.yaml", "ppo", *args, "--output_dir", str(tmp / "ddp"))
     launch("zero2.yaml", "ppo", *args, "--output_dir", str(tmp / "zero2"))
     launch("zero3.yaml", "ppo", *args, "--output_dir", str(tmp / "zero3"))
-    return {name: tmp / name for name in ("one", "ddp", "zero2", "zero3")} | {"initial": make_run / "sft"}
+    printed = {"one_top": single("ppo", *args, *top, "--output_dir", str(tmp / "one_top")).stdout,
+               "ddp_top": launch("ddp.yaml", "ppo", *args, *top, "--output_dir", str(tmp / "ddp_top")).stdout}
+    names = ("one", "ddp", "zero2", "zero3", "one_top", "ddp_top")
+    return {name: tmp / name for name in names} | {"initial": make_run / "sft", "printed": printed}
 
 
-@pytest.mark.parametrize("layout", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("layout", ["ddp", "zero2", "zero3", "ddp_top"])
 def test_ppo_on_two_processes_matches_one(ppo_runs, layout):
+    baseline = "one_top" if layout == "ddp_top" else "one"
     assert manifest(ppo_runs[layout])["metrics"]["updates"] == 2
     # Rollouts are seeded by global episode number and advantages whitened over the whole batch, so two
     # processes sample, score and learn what one process does.
     for key in ("reward/score", "objective/kl", "loss/value"):
-        one, two = logged(ppo_runs["one"], key), logged(ppo_runs[layout], key)
+        one, two = logged(ppo_runs[baseline], key), logged(ppo_runs[layout], key)
         assert two == pytest.approx(one, rel=1e-3, abs=1e-5), key
     initial = load_file(ppo_runs["initial"] / "model.safetensors")
-    moved = {name: load_file(ppo_runs[name] / "model.safetensors") for name in ("one", layout)}
-    step_one = torch.cat([(moved["one"][k] - initial[k]).flatten() for k in initial])
+    moved = {name: load_file(ppo_runs[name] / "model.safetensors") for name in (baseline, layout)}
+    step_one = torch.cat([(moved[baseline][k] - initial[k]).flatten() for k in initial])
     step_two = torch.cat([(moved[layout][k] - initial[k]).flatten() for k in initial])
     assert step_one.norm() > 0
     assert (step_two - step_one).norm() < 1e-3 * step_one.norm()
+    if layout == "ddp_top":
+        # Both took the kept-input path, and the embeddings and block 0 stayed where they were.
+        for name in ("one_top", "ddp_top"):
+            assert "learning runs the policy from block 1 and the critic from block 1" in ppo_runs["printed"][name]
+        below = [k for k in initial if "embed" in k or ".layers.0." in k]
+        assert below and all(torch.equal(moved[layout][k], initial[k]) for k in below)
     # The critic is saved beside the policy and loads as a one-logit classifier.
     critic = AutoModelForSequenceClassification.from_pretrained(ppo_runs[layout] / "value", num_labels=1)
     assert critic.config.num_labels == 1

@@ -2,6 +2,7 @@
 (what `precision: auto` picks on a GPU), the KL of identical weights exactly 0, no attention row left without a
 key (the cause of NaN gradients in bf16 on the GPU), broken logits and accelerator failures as one line."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -153,23 +154,33 @@ def test_ppo_trained_in_its_top_blocks_starts_at_kl_zero_and_writes_the_frozen_b
     assert not torch.equal(critic["score.weight"], rm["score.weight"])
 
 
-def test_memory_estimate_counts_the_bytes_ppo_holds(make_run):
-    """bench/ppo_memory.py's weights and optimizer state, built on the meta device from a config, are the bytes
-    of the models PPO builds in bf16: full fine-tune of the top blocks, and adapters on both networks."""
+def test_memory_trace_counts_the_bytes_ppo_holds(make_run):
+    """bench/ppo_memory.py's models, built from a config and traced as fake tensors, hold the bytes of the models
+    PPO builds in bf16 (full fine-tune of the top blocks, and adapters on both networks); the optimizer state is
+    AdamW's two fp32 moments (and a step counter) per trained weight; the peaks hold all of that and grow with
+    the micro-batch."""
     spec = importlib.util.spec_from_file_location("ppo_memory", ROOT / "bench" / "ppo_memory.py")
     ppo_memory = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ppo_memory)
     tokenizer = AutoTokenizer.from_pretrained(make_run / "sft")
     rm = RewardScorer.load(str(make_run / "rm"), Compute(CPU_DEVICE, "bf16")).model
+    shape = AutoConfig.from_pretrained(make_run / "sft")
     for options in ({"trainable_layers": 1}, {"peft_method": "lora", "critic_peft_method": "lora"}):
         config = PPOStageConfig(policy=str(make_run / "sft"), reward_model=str(make_run / "rm"), **options)
         policy, critic, reference = build_models(config, tokenizer, torch.bfloat16)
-        held = sum(p.numel() * p.element_size() for model in (policy, critic, reference, rm) if model is not None
-                   for p in model.parameters())
-        trained = sum(p.numel() for model in (policy, critic) for p in model.parameters() if p.requires_grad)
-        estimate = ppo_memory.estimate(config, AutoConfig.from_pretrained(make_run / "sft"), seq_len=16)
-        assert estimate["weights"] * ppo_memory.GIB == held
-        assert estimate["gradients_and_adamw"] * ppo_memory.GIB == 12 * trained > 0
+        held = sum(t.numel() * t.element_size() for model in (policy, critic, reference, rm) if model is not None
+                   for t in [*model.parameters(), *model.buffers()])
+        trained = [p for model in (policy, critic) for p in model.parameters() if p.requires_grad]
+        trace = ppo_memory.traced(config, shape, seq_len=48)
+        assert trace["weights"] * ppo_memory.GIB == held
+        assert trace["gradients"] * ppo_memory.GIB == 4 * sum(p.numel() for p in trained) > 0
+        assert trace["adamw"] * ppo_memory.GIB == sum(8 * p.numel() + 4 for p in trained)
+        persistent = trace["weights"] + trace["gradients"] + trace["adamw"]
+        assert trace["learning_peak"] > persistent and trace["rollout_peak"] > trace["weights"] + trace["adamw"]
+        wider = dataclasses.replace(config, micro_batch_size=2 * config.micro_batch_size,
+                                    mini_batch_size=2 * config.mini_batch_size)
+        wider = ppo_memory.traced(wider, shape, seq_len=48)
+        assert wider["learning_peak"] - persistent > 1.5 * (trace["learning_peak"] - persistent)
 
 
 def test_ppo_with_adapters_on_a_bf16_base_starts_at_kl_zero_and_merges_its_update(bf16_runs):
