@@ -6,28 +6,26 @@ Usage:
     python bench/ppo_memory.py --micro_batch_size 4 --seq_len 512 --output bench/ppo_memory.json
     make bench-memory
 
-Each shape's policy, critic, reference and reward model are built from a transformers config, the adapters by
-the same `peft_config` the PPO stage uses, laid out in dtypes by the functions PPO uses (`in_policy_dtypes`,
-`stored_like`), and given fake tensors (torch's FakeTensorMode: shapes, dtypes and lifetimes, no data, no
-arithmetic). Then PPO's own modules run on them while `LiveBytes` counts the bytes of every tensor alive: two
-optimizer steps of learning (each over the micro-batches of one minibatch: the policy and critic forward in
-bf16 autocast, `token_logprobs`, `ppo_losses`, backward, gradient clipping, AdamW) and the rollout's forwards
-(policy with its KV cache over the whole sequence, reference, critic, reward model, without gradients). The
-peaks count every tensor PyTorch makes, each rounded up to the 512 bytes of CUDA's smallest block; a GPU adds
-what this cannot see: CUDA's context, cuBLAS and attention workspaces, the allocator's fragmentation, and
-kernels that differ from the CPU's (attention on the CPU may keep its score matrix, flash attention does not).
+Each shape's policy, critic, reference and reward model are built from a transformers config, laid out by PPO's own
+`for_ppo` (the adapters, the frozen blocks and their dtypes, the reference like the policy), and given fake tensors
+(torch's FakeTensorMode: shapes, dtypes and lifetimes, no data, no arithmetic). Then PPO's own modules run on them
+while `LiveBytes` counts the bytes of every tensor alive: two optimizer steps of learning (each over the
+micro-batches of one minibatch: the policy and critic forward in bf16 autocast, `token_logprobs`, `ppo_losses`,
+backward, gradient clipping, AdamW) and the rollout's forwards (policy with its KV cache over the whole sequence,
+reference, critic, reward model, without gradients). The peaks count every tensor PyTorch makes, each rounded up to
+the 512 bytes of CUDA's smallest block; a GPU adds what this cannot see: CUDA's context, cuBLAS and attention
+workspaces, the allocator's fragmentation, and kernels that differ from the CPU's (attention on the CPU may keep its
+score matrix, flash attention does not).
 """
 
 import argparse
 import contextlib
 import copy
-import dataclasses
 import json
 import weakref
 from pathlib import Path
 
 import torch
-from peft import get_peft_model
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -35,11 +33,9 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig, Qwen2Config
 
-from common.adapters import peft_config
-from common.modeling import freeze_lower_blocks, in_policy_dtypes, stored_like
-from ppo.config import PPO_REFUSED, PPOStageConfig
+from ppo.config import PPOStageConfig
 from ppo.core import ppo_losses, token_logprobs
-from ppo.models import PolicyAndCritic, reply_logits
+from ppo.models import PolicyAndCritic, for_ppo, reply_logits
 
 # Qwen2.5's published shapes (hidden, blocks, heads, key/value heads, MLP width, vocabulary, tied embeddings).
 SHAPES = {
@@ -69,9 +65,8 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage() not in self.counted:
-                storage = tensor.untyped_storage()
+        for storage in (t.untyped_storage() for t in tree_leaves(out) if isinstance(t, torch.Tensor)):
+            if storage not in self.counted:
                 size = -(-storage.nbytes() // BLOCK) * BLOCK
                 self.counted[storage] = weakref.finalize(storage, self.free, size)
                 self.live += size
@@ -86,32 +81,15 @@ def shape_config(name: str) -> PretrainedConfig:
                        tie_word_embeddings=tied, pad_token_id=0)
 
 
-def adapted(model, config: PPOStageConfig, method: str, task: str):
-    options = dataclasses.replace(config, peft_method=method)
-    return get_peft_model(model, peft_config(options, model, task, "ppo", PPO_REFUSED, 1, dropout=0.0))
-
-
 def ppo_models(config: PPOStageConfig, model_config: PretrainedConfig):
-    """Policy, critic, reference (None with an adapter: the policy with its adapter off) and reward model, in
-    the dtypes `build_models` and `RewardScorer` give them."""
+    """Policy, critic, reference (None with an adapter: the policy with its adapter off) and reward model, laid out
+    by PPO's own `for_ppo` in the dtypes `build_models` and `RewardScorer` give them."""
     model_config = copy.deepcopy(model_config)
     model_config.num_labels = 1  # the critic's and the reward model's one-logit head
-    policy = AutoModelForCausalLM.from_config(model_config)
-    critic = AutoModelForSequenceClassification.from_config(model_config)
+    policy, critic, reference = for_ppo(config, AutoModelForCausalLM.from_config(model_config),
+                                        AutoModelForSequenceClassification.from_config(model_config),
+                                        lambda: AutoModelForCausalLM.from_config(model_config), COMPUTE)
     reward_model = AutoModelForSequenceClassification.from_config(model_config, dtype=COMPUTE).requires_grad_(False)
-    reference = None
-    if config.uses_adapter():
-        policy = in_policy_dtypes(adapted(policy, config, config.peft_method, "CAUSAL_LM"), COMPUTE)
-    else:
-        if config.trainable_layers:
-            freeze_lower_blocks(policy, config.trainable_layers)
-            in_policy_dtypes(policy, COMPUTE)
-        reference = stored_like(AutoModelForCausalLM.from_config(model_config).requires_grad_(False), policy)
-    if config.critic_peft_method != "none":
-        critic = in_policy_dtypes(adapted(critic, config, config.critic_peft_method, "SEQ_CLS"), COMPUTE)
-    elif config.trainable_layers:
-        freeze_lower_blocks(critic, config.trainable_layers)
-        in_policy_dtypes(critic, COMPUTE)
     return policy, critic, reference, reward_model
 
 

@@ -2,6 +2,7 @@
 reference, and the forward passes that read logits and values at the reply's positions."""
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from peft import PeftModel, get_peft_model
@@ -92,18 +93,23 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 def build_models(config: PPOStageConfig, tokenizer: PreTrainedTokenizerBase,
                  frozen_dtype: torch.dtype = torch.float32):
-    """Policy, critic and (unless an adapter makes it the policy with its adapter off) a frozen reference.
-    What does not train is held in `frozen_dtype` (the compute dtype: half the memory in bf16): the base under an
-    adapter, the blocks below `trainable_layers`. A full fine-tune's reference is stored parameter by parameter
-    like the policy (fp32 where the policy trains), so that the KL of identical weights is exactly 0.
-    No adapter dropout: dropout is off everywhere in PPO."""
-    steps = config.optimizer_steps()
+    """Policy, critic and (unless an adapter makes it the policy with its adapter off) a frozen reference, loaded
+    and laid out by `for_ppo`. A base under an adapter is loaded in `frozen_dtype` straight away."""
     policy = load_causal_lm(config.policy, frozen_dtype if config.uses_adapter() else torch.float32)
-    critic_adapted = config.critic_peft_method != "none"
     critic = load_reward_model(config.critic or config.reward_model, tokenizer.pad_token_id,
-                               frozen_dtype if critic_adapted else torch.float32)
-    reference = None
+                               frozen_dtype if config.critic_peft_method != "none" else torch.float32)
+    return for_ppo(config, policy, critic, lambda: load_causal_lm(config.reference or config.policy), frozen_dtype)
 
+
+def for_ppo(config: PPOStageConfig, policy: PreTrainedModel, critic: PreTrainedModel,
+            make_reference: Callable[[], PreTrainedModel], frozen_dtype: torch.dtype):
+    """Adapters or frozen lower blocks on policy and critic, as the config says, and the reference from
+    `make_reference` (none with a policy adapter). What does not train is held in `frozen_dtype` (the compute
+    dtype: half the memory in bf16): the base under an adapter, the blocks below `trainable_layers`. A full
+    fine-tune's reference is stored parameter by parameter like the policy (fp32 where the policy trains), so
+    that the KL of identical weights is exactly 0. No adapter dropout: dropout is off everywhere in PPO."""
+    steps = config.optimizer_steps()
+    reference = None
     if config.uses_adapter():
         adapter = peft_config(config, policy, "CAUSAL_LM", "ppo", PPO_REFUSED, steps, dropout=0.0)
         policy = in_policy_dtypes(get_peft_model(policy, adapter), frozen_dtype)
@@ -111,9 +117,9 @@ def build_models(config: PPOStageConfig, tokenizer: PreTrainedTokenizerBase,
         if config.trainable_layers:
             freeze_lower_blocks(policy, config.trainable_layers)
             in_policy_dtypes(policy, frozen_dtype)
-        reference = stored_like(load_causal_lm(config.reference or config.policy).requires_grad_(False).eval(), policy)
+        reference = stored_like(make_reference().requires_grad_(False).eval(), policy)
         disable_dropout(reference)
-    if critic_adapted:
+    if config.critic_peft_method != "none":
         critic_options = dataclasses.replace(config, peft_method=config.critic_peft_method)
         critic = in_policy_dtypes(get_peft_model(critic, peft_config(critic_options, critic, "SEQ_CLS", "ppo critic",
                                                                      PPO_REFUSED, steps, dropout=0.0)), frozen_dtype)
